@@ -1,0 +1,225 @@
+"""Loading diffusers pipelines, the per-family denoiser, prompt encoding, VAE decoding, and the
+trainable part (LoRA through peft, or a full fine-tune with a frozen copy as the base)."""
+
+import contextlib
+import copy
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+
+from utils import UsageError
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_FILE = "pytorch_lora_weights.safetensors"
+FULL_UNET_DIR = "unet"
+FAMILIES = {"StableDiffusionPipeline": "sd"}
+
+
+@dataclass
+class DiffusionModel:
+    pipe: DiffusionPipeline  # tokenizer, text encoder, VAE, scheduler and the (tuned) UNet
+    family: str
+    frozen_base: torch.nn.Module | None = None  # full fine-tuning only; with LoRA the base is adapters-off
+
+    @property
+    def unet(self) -> torch.nn.Module:
+        return self.pipe.unet
+
+    @property
+    def scheduler(self):
+        return self.pipe.scheduler
+
+    @property
+    def has_lora(self) -> bool:
+        return bool(getattr(self.unet, "peft_config", None))
+
+    def default_resolution(self) -> int:
+        return self.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    def latent_shape(self, batch: int, resolution: int) -> tuple[int, ...]:
+        side = resolution // self.pipe.vae_scale_factor
+        return (batch, self.unet.config.in_channels, side, side)
+
+
+def detect_family(model: str) -> str:
+    """The family from the pipeline folder's model_index.json; a hub id is looked up the same way."""
+    try:
+        class_name = DiffusionPipeline.load_config(model)["_class_name"]
+    except Exception as error:  # hub, network and file errors alike end in one line
+        raise UsageError(
+            f"cannot load model {model!r} ({_first_line(error)}); give a diffusers pipeline folder "
+            "with --model PATH, or a hub id that is cached or reachable"
+        ) from None
+    if class_name not in FAMILIES:
+        raise UsageError(f"model {model!r} is a {class_name}; supported: {', '.join(FAMILIES)}")
+    return FAMILIES[class_name]
+
+
+def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.float32, scheduler: str = "ddim") -> DiffusionModel:
+    """Load a pipeline with every part frozen; `scheduler="ddim"` swaps in DDIM built from its config."""
+    family = detect_family(model)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    except Exception as error:
+        raise UsageError(f"cannot load model {model!r}: {_first_line(error)}") from None
+    if scheduler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        part.requires_grad_(False).eval()
+    pipe.to(device)
+    return DiffusionModel(pipe=pipe, family=family)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainable part
+
+
+def attach_lora(model: DiffusionModel, rank: int, alpha: float) -> None:
+    """LoRA on the UNet attention projections; the adapter starts as the identity (B = 0)."""
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+    model.unet.add_adapter(config)
+    for param in model.unet.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # trainable weights stay fp32 under bf16 autocast
+
+
+def enable_full_finetune(model: DiffusionModel) -> None:
+    """Train every UNet weight; a frozen copy made now is the base for the KL and annealing."""
+    model.frozen_base = copy.deepcopy(model.unet).requires_grad_(False).eval()
+    model.unet.float().requires_grad_(True).train()
+
+
+def trainable_parameters(model: DiffusionModel) -> list[torch.nn.Parameter]:
+    return [p for p in model.unet.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet):
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditioning and denoisers
+
+
+@torch.no_grad()
+def encode_prompts(model: DiffusionModel, prompts: list[str], guided: bool) -> dict:
+    """The UNet keyword arguments for a batch: `[uncond; cond]` when guided, the empty prompt as
+    negative, exactly as the pipeline's own encode_prompt builds them."""
+    positive, negative = model.pipe.encode_prompt(prompts, model.unet.device, 1, guided, negative_prompt=None)
+    hidden = torch.cat([negative, positive]) if guided else positive
+    return {"encoder_hidden_states": hidden}
+
+
+def make_denoiser(unet, conditioning: dict):
+    def denoise(model_input, t):
+        return unet(model_input, t, **conditioning, return_dict=False)[0]
+
+    return denoise
+
+
+def tuned_denoiser(model: DiffusionModel, conditioning: dict):
+    return make_denoiser(model.unet, conditioning)
+
+
+def base_denoiser(model: DiffusionModel, conditioning: dict):
+    """The pretrained model: the frozen copy, or the same network with its adapters switched off."""
+    if model.frozen_base is not None:
+        return make_denoiser(model.frozen_base, conditioning)
+    if not model.has_lora:
+        return make_denoiser(model.unet, conditioning)
+    denoise = make_denoiser(model.unet, conditioning)
+
+    def denoise_without_adapters(model_input, t):
+        with adapters_disabled(model.unet):
+            return denoise(model_input, t)
+
+    return denoise_without_adapters
+
+
+def decode(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:
+    """Latents to float images [B,3,H,W] in [0,1], differentiable."""
+    vae = model.pipe.vae
+    z = latents / vae.config.scaling_factor
+    if getattr(vae.config, "shift_factor", None):
+        z = z + vae.config.shift_factor
+    images = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading the tuned weights
+
+
+def save_tuned(model: DiffusionModel, folder: str) -> None:
+    """LoRA as diffusers' `pytorch_lora_weights.safetensors` (stock `load_lora_weights` reads
+    it), or the full UNet as a diffusers model folder."""
+    if model.has_lora:
+        from diffusers.training_utils import _collate_lora_metadata
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet))
+        type(model.pipe).save_lora_weights(folder, unet_lora_layers=layers, **_collate_lora_metadata({"unet": model.unet}))
+    else:
+        model.unet.save_pretrained(os.path.join(folder, FULL_UNET_DIR))
+
+
+def load_tuned_into_training(model: DiffusionModel, folder: str) -> None:
+    """Restore a checkpoint's weights into the already built trainable model (resume)."""
+    if model.has_lora:
+        from peft import set_peft_model_state_dict
+
+        state, _ = type(model.pipe).lora_state_dict(folder)
+        unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+        result = set_peft_model_state_dict(model.unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+        if getattr(result, "unexpected_keys", None):
+            raise UsageError(f"checkpoint {folder!r} does not fit this model's LoRA")
+    else:
+        tuned = UNet2DConditionModel.from_pretrained(os.path.join(folder, FULL_UNET_DIR))
+        model.unet.load_state_dict(tuned.state_dict())
+
+
+def load_checkpoint_for_inference(model: DiffusionModel, checkpoint: str) -> None:
+    """Make `model` the tuned model of `checkpoint`, keeping the pretrained one as its base."""
+    if not os.path.isdir(checkpoint):
+        raise UsageError(f"checkpoint {checkpoint!r} is not a folder")
+    lora_file = os.path.join(checkpoint, LORA_FILE)
+    full_dir = os.path.join(checkpoint, FULL_UNET_DIR)
+    try:
+        if os.path.isfile(lora_file):
+            model.pipe.load_lora_weights(checkpoint, adapter_name="tuned")
+        elif os.path.isdir(full_dir):
+            tuned = UNet2DConditionModel.from_pretrained(full_dir, dtype=model.unet.dtype).to(model.unet.device)
+            model.frozen_base = model.pipe.unet
+            model.pipe.unet = tuned.requires_grad_(False).eval()
+        else:
+            raise UsageError(f"checkpoint {checkpoint!r} has neither {LORA_FILE} nor a {FULL_UNET_DIR}/ folder")
+    except UsageError:
+        raise
+    except Exception as error:
+        raise UsageError(f"checkpoint {checkpoint!r} does not fit model {model_name(checkpoint)!r}: {_first_line(error)}") from None
+
+
+def model_name(checkpoint: str) -> str:
+    """The --model a checkpoint was trained from, as recorded in its config.json."""
+    try:
+        with open(os.path.join(checkpoint, "config.json")) as f:
+            return json.load(f)["model"]
+    except (OSError, KeyError, ValueError):
+        return "unknown"

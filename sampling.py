@@ -1,0 +1,195 @@
+"""The denoising loop: classifier-free guidance, truncated back-propagation (DRaFT-K), the KL
+outputs of DRaFT+, DRaFT-LV, and annealed mixing of a base and a tuned model.
+
+It knows no model family. A *denoiser* is any callable `(model_input, t) -> out` that returns the
+network's raw prediction (epsilon, v or velocity) for a batch whose conditioning it already
+holds: `[uncond; cond]` when guidance is on, `[cond]` when it is off. The scheduler is a diffusers
+scheduler; its `step` is plain tensor code, so gradients flow through it.
+"""
+
+import inspect
+import math
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from torch.utils.checkpoint import checkpoint
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Weighing = Callable[[int, int], float]
+
+DEFAULT_WEIGHINGS = ("base", "draft", "linear", "power_2", "power_4", "step_0.6")
+
+
+@dataclass
+class Trajectory:
+    latents: torch.Tensor  # x_0; carries the graph of the last K steps when K > 0
+    kl: torch.Tensor | None  # mean over graph steps of mean((out_tuned - out_base)^2); None without a base
+    graph_steps: int  # denoiser calls that kept the graph
+
+
+def uses_guidance(guidance_scale: float) -> bool:
+    """As the diffusers pipelines decide it: a scale of 1 or less runs the conditional branch only."""
+    return guidance_scale > 1.0
+
+
+def initial_latents(shape, generators, scheduler, device, dtype) -> torch.Tensor:
+    """x_T exactly as the diffusers pipelines draw it (one generator per sample)."""
+    return randn_tensor(shape, generator=generators, device=device, dtype=dtype) * scheduler.init_noise_sigma
+
+
+def guided_output(denoise: Denoiser, scheduler, x: torch.Tensor, t: torch.Tensor, guidance_scale: float):
+    """The denoiser's prediction at x_t after classifier-free guidance (diffusers order: uncond first)."""
+    guided = uses_guidance(guidance_scale)
+    model_input = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+    out = denoise(model_input, t)
+    if not guided:
+        return out
+    uncond, cond = out.chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def step_kwargs(scheduler, eta: float, generator) -> dict:
+    """Pass eta and the generator only to schedulers that take them, as the pipelines do."""
+    accepted = inspect.signature(scheduler.step).parameters
+    kwargs = {}
+    if "eta" in accepted:
+        kwargs["eta"] = eta
+    if "generator" in accepted:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def sample(
+    tuned: Denoiser,
+    scheduler,
+    latents: torch.Tensor,
+    *,
+    num_steps: int,
+    guidance_scale: float,
+    eta: float = 0.0,
+    generator=None,
+    truncation_steps: int = 0,
+    base: Denoiser | None = None,
+    weighing: Weighing | None = None,
+    lv_samples: int = 0,
+    checkpoint_denoiser: bool = False,
+) -> Trajectory:
+    """Run the sampler from x_T = `latents` to x_0.
+
+    Steps i < N - K run without a graph; the last K keep it, so the gradient reaches the tuned
+    weights through those K denoiser calls and through x_t between them. With `base`, the base
+    prediction on the same x_t at each graph step gives the KL. With `weighing`, every step uses
+    (1 - w) * base + w * tuned (annealed guidance; inference only). With `lv_samples` = n > 0 the
+    whole chain runs without a graph and x_0 is re-noised n times to the last step's level and
+    denoised once with the graph (DRaFT-LV); the n results are concatenated along the batch.
+    """
+    if not 0 <= truncation_steps <= num_steps:
+        raise ValueError(f"truncation_steps must be in [0, {num_steps}], got {truncation_steps}")
+    if weighing is not None and base is None:
+        raise ValueError("annealed sampling needs a base denoiser")
+    scheduler.set_timesteps(num_steps, device=latents.device)
+    timesteps = scheduler.timesteps
+    extra = step_kwargs(scheduler, eta, generator)
+    graph_from = num_steps if lv_samples else num_steps - truncation_steps
+    kl_terms: list[torch.Tensor] = []
+    graph_calls = 0
+
+    def graph_step(x, t):
+        nonlocal graph_calls
+        graph_calls += 1
+        out = _tuned_output(tuned, scheduler, x, t, guidance_scale, checkpoint_denoiser)
+        if base is not None:
+            with torch.no_grad():
+                out_base = guided_output(base, scheduler, x, t, guidance_scale)
+            kl_terms.append((out.float() - out_base.float()).pow(2).mean())
+        return scheduler.step(out, t, x, **extra, return_dict=False)[0]
+
+    x = latents
+    for i, t in enumerate(timesteps):
+        if i >= graph_from:
+            x = graph_step(x, t)
+            continue
+        with torch.no_grad():
+            if weighing is None:
+                out = guided_output(tuned, scheduler, x, t, guidance_scale)
+            else:
+                out = annealed_output(tuned, base, weighing(i, num_steps), scheduler, x, t, guidance_scale)
+            x = scheduler.step(out, t, x, **extra, return_dict=False)[0]
+
+    if lv_samples:
+        x = _renoise_and_denoise(x, timesteps[-1], lv_samples, scheduler, generator, graph_step)
+
+    kl = torch.stack(kl_terms).mean() if kl_terms else None
+    return Trajectory(latents=x, kl=kl, graph_steps=graph_calls)
+
+
+def _tuned_output(tuned, scheduler, x, t, guidance_scale, checkpoint_denoiser):
+    if not checkpoint_denoiser:
+        return guided_output(tuned, scheduler, x, t, guidance_scale)
+    # Keeps only this step's input for backward and recomputes the network there, so memory no
+    # longer grows with K by a whole network's activations per step.
+    return checkpoint(guided_output, tuned, scheduler, x, t, guidance_scale, use_reentrant=False)
+
+
+def _renoise_and_denoise(x0, t_last, copies, scheduler, generator, graph_step):
+    results = []
+    for _ in range(copies):
+        noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if hasattr(scheduler, "_step_index"):
+            # Index-keeping schedulers (Euler, DPM) must be pointed back at the last step.
+            scheduler._step_index = len(scheduler.timesteps) - 1
+        results.append(graph_step(scheduler.add_noise(x0, noise, t_last.reshape(1)), t_last))
+    return torch.cat(results)
+
+
+def annealed_output(tuned, base, w, scheduler, x, t, guidance_scale):
+    """(1 - w) * out_base + w * out_tuned; only the models with non-zero weight are run."""
+    if w <= 0.0:
+        return guided_output(base, scheduler, x, t, guidance_scale)
+    if w >= 1.0:
+        return guided_output(tuned, scheduler, x, t, guidance_scale)
+    out_base = guided_output(base, scheduler, x, t, guidance_scale)
+    out_tuned = guided_output(tuned, scheduler, x, t, guidance_scale)
+    return (1.0 - w) * out_base + w * out_tuned
+
+
+# ---------------------------------------------------------------------------------------------
+# Weighings for annealed guidance: w(i, N) with i = 0 the noisiest step.
+
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+
+
+def parse_weighing(name: str) -> Weighing:
+    """`base`, `draft`, `linear`, `power_P` (P > 0) or `step_F` (0 <= F <= 1)."""
+    name = name.strip()
+    if name == "base":
+        return lambda i, n: 0.0
+    if name == "draft":
+        return lambda i, n: 1.0
+    if name == "linear":
+        return lambda i, n: i / n
+    if match := re.fullmatch(rf"power_{_NUMBER}", name):
+        power = float(match.group(1))
+        if power > 0 and math.isfinite(power):
+            return lambda i, n: (i / n) ** power
+    if match := re.fullmatch(rf"step_{_NUMBER}", name):
+        fraction = float(match.group(1))
+        if 0.0 <= fraction <= 1.0:
+            return lambda i, n: float(i / n >= fraction)
+    raise ValueError(
+        f"invalid weighing {name!r}: use base, draft, linear, power_P with P > 0 (e.g. power_2) "
+        "or step_F with 0 <= F <= 1 (e.g. step_0.6)"
+    )
+
+
+def split_weighings(values: list[str]) -> list[str]:
+    """Accept `a b c` and `a,b,c` alike; every name is validated."""
+    names = [part.strip() for value in values for part in value.split(",") if part.strip()]
+    if not names:
+        raise ValueError("no weighing given: use e.g. --weighing linear power_2 step_0.6")
+    for name in names:
+        parse_weighing(name)
+    return names

@@ -1,0 +1,241 @@
+"""Shared plumbing: distributed setup, logging, seeding, run folders, atomic checkpoint IO, grids,
+and the one way a script reports bad input."""
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class UsageError(Exception):
+    """Bad input from the user: reported as one line on stderr with exit status 2."""
+
+
+def exit_cleanly_on_usage_error(main):
+    """Turn a UsageError anywhere below `main` into one line on stderr and exit status 2."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UsageError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapped
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Same code for `python script.py` (one process) and `torchrun` (env vars set by it)."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        return Dist(rank, world_size, local_rank, torch.device("cuda", local_rank))
+    return Dist(rank, world_size, local_rank, torch.device("cpu"))
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
+    """Average tensors over ranks in place, coalesced into one buffer per dtype."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for tensor in tensors:
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        offset = 0
+        for tensor in group:
+            tensor.copy_(flat[offset : offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
+
+
+def gather_objects(obj) -> list:
+    """Every rank's object, in rank order (a one-element list without torch.distributed)."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def print0(*args, **kwargs) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes, ranks and Python versions."""
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def generators(seeds: list[int], device: torch.device | str = "cpu") -> list[torch.Generator]:
+    return [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def ensure_writable_dir(path: str) -> None:
+    """Create `path` (and parents) or fail with one line; nothing is left behind on failure."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create folder {path!r}: {error.strerror}") from None
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"folder {path!r} is not writable")
+
+
+class JsonlLog:
+    """Append-only scalar log, one JSON object per line."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def write_atomic_dir(final_path: str, write_into) -> None:
+    """Call `write_into(tmp_dir)`, then rename tmp_dir to `final_path` in one step.
+
+    A killed process leaves at most a `.tmp-` folder, which readers ignore, never a partial
+    `final_path`.
+    """
+    parent, name = os.path.split(final_path.rstrip("/"))
+    tmp = os.path.join(parent, f".tmp-{name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write_into(tmp)
+    if os.path.exists(final_path):
+        shutil.rmtree(final_path)
+    os.replace(tmp, final_path)
+
+
+def write_atomic_file(path: str, write_into) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write_into(tmp)
+    os.replace(tmp, path)
+
+
+def save_json(path: str, obj) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+
+    write_atomic_file(path, write)
+
+
+class Timer:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """Float [B,3,H,W] in [0,1] to PIL images."""
+    from PIL import Image
+
+    array = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in array]
+
+
+def image_grid(rows: list[list], captions: list[list[str]] | None = None, header: list[str] | None = None):
+    """Lay PIL images out in a grid, with an optional caption under each and a header per column."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height = rows[0][0].size
+    font_size = max(10, min(24, width // 12))
+    font = ImageFont.load_default(size=font_size)
+    caption_h = font_size + 6 if captions else 0
+    header_h = font_size + 8 if header else 0
+    columns = max(len(row) for row in rows)
+    grid = Image.new("RGB", (columns * width, header_h + len(rows) * (height + caption_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, text in enumerate(header or []):
+        draw.text((c * width + 3, 3), text, fill="black", font=font)
+    for r, row in enumerate(rows):
+        top = header_h + r * (height + caption_h)
+        for c, image in enumerate(row):
+            grid.paste(image, (c * width, top))
+            if captions:
+                draw.text((c * width + 3, top + height + 2), captions[r][c], fill="black", font=font)
+    return grid
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: RUN_DIR/checkpoints/step-XXXXXXX, each written whole or not at all
+
+
+def checkpoint_dir(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "checkpoints", f"step-{step:07d}")
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest complete checkpoint; `.tmp-` folders of a killed save are ignored."""
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    steps = [name for name in os.listdir(root) if name.startswith("step-") and name[5:].isdigit()]
+    return os.path.join(root, max(steps)) if steps else None
