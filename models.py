@@ -62,6 +62,7 @@ def detect_family(model: str) -> str:
 def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.float32, scheduler: str = "ddim") -> DiffusionModel:
     """Load a pipeline with every part frozen; `scheduler="ddim"` swaps in DDIM built from its config."""
     family = detect_family(model)
+    _quiet_loading()
     try:
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
     except Exception as error:
@@ -73,6 +74,15 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.floa
         part.requires_grad_(False).eval()
     pipe.to(device)
     return DiffusionModel(pipe=pipe, family=family)
+
+
+def _quiet_loading() -> None:
+    """Loading bars of every sub-model would bury the training status lines."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _first_line(error: Exception) -> str:
@@ -196,30 +206,62 @@ def load_tuned_into_training(model: DiffusionModel, folder: str) -> None:
 
 
 def load_checkpoint_for_inference(model: DiffusionModel, checkpoint: str) -> None:
-    """Make `model` the tuned model of `checkpoint`, keeping the pretrained one as its base."""
-    if not os.path.isdir(checkpoint):
-        raise UsageError(f"checkpoint {checkpoint!r} is not a folder")
+    """Make `model` the tuned model of `checkpoint`, keeping the pretrained one as its base.
+
+    Weights made for another base model are refused in one line: diffusers would only warn about
+    LoRA layers the model lacks, and a full UNet of another shape would load on its own.
+    """
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from peft.utils import get_peft_model_state_dict
+
+    trained_from = model_name(checkpoint)
     lora_file = os.path.join(checkpoint, LORA_FILE)
     full_dir = os.path.join(checkpoint, FULL_UNET_DIR)
+    if not os.path.isfile(lora_file) and not os.path.isdir(full_dir):
+        raise UsageError(f"checkpoint {checkpoint!r} has neither {LORA_FILE} nor a {FULL_UNET_DIR}/ folder")
+    problem = None
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its multi-line report becomes our one line
     try:
-        if os.path.isfile(lora_file):
-            model.pipe.load_lora_weights(checkpoint, adapter_name="tuned")
-        elif os.path.isdir(full_dir):
-            tuned = UNet2DConditionModel.from_pretrained(full_dir, dtype=model.unet.dtype).to(model.unet.device)
-            model.frozen_base = model.pipe.unet
-            model.pipe.unet = tuned.requires_grad_(False).eval()
-        else:
-            raise UsageError(f"checkpoint {checkpoint!r} has neither {LORA_FILE} nor a {FULL_UNET_DIR}/ folder")
-    except UsageError:
-        raise
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if os.path.isfile(lora_file):
+                state, _ = type(model.pipe).lora_state_dict(checkpoint)
+                wanted = convert_unet_state_dict_to_peft(
+                    {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+                )
+                model.pipe.load_lora_weights(checkpoint, adapter_name="tuned")
+                unmatched = set(wanted) - set(get_peft_model_state_dict(model.unet, adapter_name="tuned"))
+                if unmatched:
+                    problem = f"{len(unmatched)} of its {len(wanted)} LoRA weights have no layer here, e.g. {min(unmatched)}"
+            else:
+                tuned = UNet2DConditionModel.from_pretrained(full_dir, dtype=model.unet.dtype)
+                ours, theirs = (json.loads(json.dumps(dict(unet.config), default=str)) for unet in (model.unet, tuned))
+                differing = sorted(k for k in ours.keys() | theirs.keys()
+                                   if not k.startswith("_") and ours.get(k) != theirs.get(k))
+                if differing:
+                    problem = f"its UNet differs in {', '.join(differing)}"
+                else:
+                    model.frozen_base = model.pipe.unet
+                    model.pipe.unet = tuned.to(model.unet.device).requires_grad_(False).eval()
     except Exception as error:
-        raise UsageError(f"checkpoint {checkpoint!r} does not fit model {model_name(checkpoint)!r}: {_first_line(error)}") from None
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        problem = next((line for line in lines if line.startswith("size mismatch")), lines[0])
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    if problem:
+        origin = f"trained from {trained_from!r}" if trained_from else "base model not recorded"
+        raise UsageError(f"checkpoint {checkpoint!r} ({origin}) does not fit model {model.pipe.name_or_path!r}: {problem}")
 
 
-def model_name(checkpoint: str) -> str:
-    """The --model a checkpoint was trained from, as recorded in its config.json."""
+def model_name(checkpoint: str) -> str | None:
+    """The --model a checkpoint was trained from, as its config.json records it; None if it does not."""
+    if not os.path.isdir(checkpoint):
+        raise UsageError(f"checkpoint {checkpoint!r} is not a folder; give one such as RUN_DIR/checkpoints/step-0001000")
     try:
         with open(os.path.join(checkpoint, "config.json")) as f:
             return json.load(f)["model"]
-    except (OSError, KeyError, ValueError):
-        return "unknown"
+    except (OSError, KeyError, TypeError, ValueError):
+        return None

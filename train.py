@@ -10,6 +10,8 @@ KL penalty to the base model.
 Running the same command again resumes from the run's latest complete checkpoint.
 """
 
+import hashlib
+import json
 import os
 import random
 import sys
@@ -266,22 +268,33 @@ class Trainer:
 
 
 def save_checkpoint(trainer: Trainer, step: int, bad_streak: int) -> None:
-    """Rank 0 writes the tuned weights, optimizer, RNG and data position, and the config, atomically."""
+    """Rank 0 writes the tuned weights, optimizer, RNG and data position, and the config, atomically.
+
+    Every rank's weight fingerprint is recorded too: they must agree, and a mismatch means the
+    ranks drifted apart (non-deterministic kernels, a missed all-reduce)."""
+    fingerprints = utils.gather_objects(weights_fingerprint(trainer.model))
     if trainer.dist.is_main:
         def write(folder):
             models.save_tuned(trainer.model, folder)
             torch.save({"optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(),
                         "rng": torch.get_rng_state()}, os.path.join(folder, "trainer_state.pt"))
-            utils.save_json(os.path.join(folder, "state.json"), {"step": step, "bad_streak": bad_streak})
+            utils.save_json(os.path.join(folder, "state.json"), {"step": step, "bad_streak": bad_streak,
+                                                                         "rank_fingerprints": fingerprints})
             utils.save_json(os.path.join(folder, "config.json"), asdict(trainer.cfg))
 
         utils.write_atomic_dir(utils.checkpoint_dir(trainer.cfg.run_dir, step), write)
     utils.barrier()
 
 
-def restore_checkpoint(trainer: Trainer, folder: str) -> tuple[int, int]:
-    import json
+def weights_fingerprint(model: models.DiffusionModel) -> str:
+    """A hash of the exact bytes of the trainable weights."""
+    digest = hashlib.sha256()
+    for param in models.trainable_parameters(model):
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
+
+def restore_checkpoint(trainer: Trainer, folder: str) -> tuple[int, int]:
     models.load_tuned_into_training(trainer.model, folder)
     state = torch.load(os.path.join(folder, "trainer_state.pt"), map_location="cpu", weights_only=True)
     trainer.optimizer.load_state_dict(state["optimizer"])
@@ -294,8 +307,6 @@ def restore_checkpoint(trainer: Trainer, folder: str) -> tuple[int, int]:
 
 def check_same_run(cfg: TrainConfig) -> None:
     """A run dir belongs to one configuration; only --steps (and logging cadence) may change on resume."""
-    import json
-
     path = os.path.join(cfg.run_dir, "config.json")
     if not os.path.exists(path):
         return

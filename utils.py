@@ -196,6 +196,7 @@ def image_grid(rows: list[list], captions: list[list[str]] | None = None, header
     """Lay PIL images out in a grid, with an optional caption under each and a header per column."""
     from PIL import Image, ImageDraw, ImageFont
 
+    rows = [[_at_least(image, 160) for image in row] for row in rows]
     width, height = rows[0][0].size
     font_size = max(10, min(24, width // 12))
     font = ImageFont.load_default(size=font_size)
@@ -213,6 +214,14 @@ def image_grid(rows: list[list], captions: list[list[str]] | None = None, header
             if captions:
                 draw.text((c * width + 3, top + height + 2), captions[r][c], fill="black", font=font)
     return grid
+
+
+def _at_least(image, side: int):
+    """Upscale small images (nearest, so pixels stay visible) to leave room for captions."""
+    factor = -(-side // min(image.size))
+    if factor <= 1:
+        return image
+    return image.resize((image.width * factor, image.height * factor), resample=0)
 
 
 def peak_memory_mb(device: torch.device) -> float:

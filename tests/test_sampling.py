@@ -36,3 +36,102 @@ def test_k0_matches_diffusers_pipeline(request, fixture, eta, guidance):
     ours = sample_ours(model, PROMPTS, [3, 4], 8, guidance, eta).latents
     assert ours.shape == expected.shape
     assert (ours - expected).abs().max().item() <= 1e-5
+
+
+def lora_model(path, rank=4, perturb=0.0):
+    model = models.load_model(path, torch.device("cpu"))
+    models.attach_lora(model, rank, rank)
+    if perturb:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, param in model.unet.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, perturb)
+    return model
+
+
+def counting(denoise, log):
+    def wrapped(x, t):
+        out = denoise(x, t)
+        log.append(out.requires_grad)
+        return out
+
+    return wrapped
+
+
+@pytest.mark.parametrize("truncation", [0, 1, 3])
+def test_graph_only_through_last_k_steps(tiny_sd, truncation):
+    model = lora_model(tiny_sd, perturb=0.01)
+    cond = models.encode_prompts(model, PROMPTS, True)
+    calls = []
+    x_T = sampling.initial_latents(model.latent_shape(2, RES), generators([1, 2]), model.scheduler, "cpu", torch.float32)
+    result = sampling.sample(
+        counting(models.tuned_denoiser(model, cond), calls), model.scheduler, x_T,
+        num_steps=6, guidance_scale=5.0, truncation_steps=truncation,
+    )
+    assert calls == [False] * (6 - truncation) + [True] * truncation
+    assert result.graph_steps == truncation
+    assert result.latents.requires_grad == (truncation > 0)
+    if truncation:
+        result.latents.square().mean().backward()
+        grads = [p.grad for p in models.trainable_parameters(model)]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_kl_zero_for_fresh_lora_and_equal_to_hand_computation(tiny_sd):
+    fresh = lora_model(tiny_sd)
+    cond = models.encode_prompts(fresh, PROMPTS, True)
+    x_T = sampling.initial_latents(fresh.latent_shape(2, RES), generators([5, 6]), fresh.scheduler, "cpu", torch.float32)
+    kwargs = dict(num_steps=5, guidance_scale=4.0, truncation_steps=2)
+    result = sampling.sample(models.tuned_denoiser(fresh, cond), fresh.scheduler, x_T,
+                             base=models.base_denoiser(fresh, cond), **kwargs)
+    assert result.kl.item() == 0.0
+
+    model = lora_model(tiny_sd, perturb=0.05)
+    tuned, base = models.tuned_denoiser(model, cond), models.base_denoiser(model, cond)
+    result = sampling.sample(tuned, model.scheduler, x_T, base=base, **kwargs)
+
+    scheduler = model.scheduler
+    scheduler.set_timesteps(5)
+    x, squared_errors = x_T, []
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            out = sampling.guided_output(tuned, scheduler, x, t, 4.0)
+            if i >= 3:
+                out_base = sampling.guided_output(base, scheduler, x, t, 4.0)
+                squared_errors.append(((out - out_base) ** 2).mean())
+            x = scheduler.step(out, t, x).prev_sample
+    expected = torch.stack(squared_errors).mean()
+    assert expected > 0
+    assert torch.allclose(result.kl, expected, rtol=1e-5, atol=1e-9)
+    assert torch.allclose(result.latents, x, atol=1e-5)
+
+
+def test_lv_renoises_final_sample(tiny_sd):
+    model = lora_model(tiny_sd, perturb=0.01)
+    cond = models.encode_prompts(model, PROMPTS, True)
+    calls = []
+    x_T = sampling.initial_latents(model.latent_shape(2, RES), generators([1, 2]), model.scheduler, "cpu", torch.float32)
+    result = sampling.sample(
+        counting(models.tuned_denoiser(model, cond), calls), model.scheduler, x_T,
+        num_steps=4, guidance_scale=3.0, lv_samples=3, generator=generators([7, 8]),
+        base=models.base_denoiser(model, cond),
+    )
+    assert calls == [False] * 4 + [True] * 3
+    assert result.latents.shape[0] == 6 and result.latents.requires_grad
+    copies = result.latents.detach().chunk(3)
+    assert not torch.allclose(copies[0], copies[1])
+
+
+def test_checkpointed_denoiser_gives_same_gradients(tiny_sd):
+    grads = []
+    for use_checkpoint in (False, True):
+        model = lora_model(tiny_sd, perturb=0.01)
+        cond = models.encode_prompts(model, PROMPTS, True)
+        x_T = sampling.initial_latents(model.latent_shape(2, RES), generators([1, 2]), model.scheduler, "cpu", torch.float32)
+        result = sampling.sample(models.tuned_denoiser(model, cond), model.scheduler, x_T, num_steps=4,
+                                 guidance_scale=3.0, truncation_steps=2, checkpoint_denoiser=use_checkpoint)
+        result.latents.square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in models.trainable_parameters(model)]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
