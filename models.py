@@ -13,6 +13,7 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_
 
 from utils import UsageError
 
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 FULL_UNET_DIR = "unet"
@@ -235,7 +236,8 @@ def load_checkpoint_for_inference(model: DiffusionModel, checkpoint: str) -> Non
                 model.pipe.load_lora_weights(checkpoint, adapter_name="tuned")
                 unmatched = set(wanted) - set(get_peft_model_state_dict(model.unet, adapter_name="tuned"))
                 if unmatched:
-                    problem = f"{len(unmatched)} of its {len(wanted)} LoRA weights have no layer here, e.g. {min(unmatched)}"
+                    example = min(unmatched)
+                    problem = f"{len(unmatched)} of its {len(wanted)} LoRA weights have no layer here, e.g. {example}"
             else:
                 tuned = UNet2DConditionModel.from_pretrained(full_dir, dtype=model.unet.dtype)
                 ours, theirs = (json.loads(json.dumps(dict(unet.config), default=str)) for unet in (model.unet, tuned))

@@ -22,17 +22,17 @@ import torch
 import tyro
 from tqdm import tqdm
 
+import generation
 import models
 import prompts as prompt_sets
 import rewards
-import sampling
 import utils
 from utils import UsageError
 
 
 @dataclass
 class TrainConfig:
-    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # diffusers pipeline: hub id or local folder
+    model: str = models.DEFAULT_MODEL  # diffusers pipeline: hub id or local folder
     reward: str = "pickscore"  # reward spec: a name, or weighted names such as pickscore:1.0,aesthetic:0.05
     reward_source: list[str] = field(default_factory=list)  # NAME=PATH: load reward NAME from a local folder/file
     prompts: str = "animals"  # bundled prompt set name, or a .txt/.json/.jsonl file
@@ -95,17 +95,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.resolution is not None and cfg.resolution < 8:
         raise UsageError(f"--resolution must be at least 8, got {cfg.resolution}")
     rewards.parse_reward_spec(cfg.reward)
-    reward_sources(cfg)
-
-
-def reward_sources(cfg: TrainConfig) -> dict[str, str]:
-    sources = {}
-    for item in cfg.reward_source:
-        name, sep, path = item.partition("=")
-        if not sep or not path or name not in rewards.REWARD_NAMES:
-            raise UsageError(f"--reward-source {item!r} must be NAME=PATH with NAME one of {', '.join(rewards.REWARD_NAMES)}")
-        sources[name] = path
-    return sources
+    rewards.parse_reward_sources(cfg.reward_source)
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -173,21 +163,12 @@ class Trainer:
 
     def rollout(self, prompts: list[str], seeds: list[int], truncation: int, lv_samples: int = 0, base_only=False):
         """Sample with the graph on the last `truncation` steps; return images and the KL."""
-        cfg, model = self.cfg, self.model
-        guided = sampling.uses_guidance(cfg.guidance_scale)
-        conditioning = models.encode_prompts(model, prompts, guided)
-        gens = utils.generators(seeds, self.dist.device)
-        # Latents stay fp32 under autocast: the scheduler arithmetic is then exact as in fp32 sampling.
-        x_T = sampling.initial_latents(model.latent_shape(len(prompts), self.resolution), gens, model.scheduler,
-                                       self.dist.device, torch.float32)
-        base = models.base_denoiser(model, conditioning)
-        tuned = base if base_only else models.tuned_denoiser(model, conditioning)
-        trajectory = sampling.sample(
-            tuned, model.scheduler, x_T, num_steps=cfg.inference_steps, guidance_scale=cfg.guidance_scale,
-            eta=cfg.eta, generator=gens, truncation_steps=truncation, base=None if base_only else base,
-            lv_samples=lv_samples, checkpoint_denoiser=cfg.gradient_checkpointing,
-        )
-        return models.decode(model, trajectory.latents), trajectory.kl
+        cfg = self.cfg
+        settings = generation.SamplerSettings(self.resolution, cfg.inference_steps, cfg.guidance_scale, cfg.eta)
+        # Latents stay fp32 under autocast: the scheduler arithmetic is then that of fp32 sampling.
+        return generation.generate(self.model, prompts, seeds, settings, truncation_steps=truncation,
+                                   with_kl=not base_only, base_only=base_only, lv_samples=lv_samples,
+                                   checkpoint_denoiser=cfg.gradient_checkpointing)
 
     @property
     def resolution(self) -> int:
@@ -329,16 +310,14 @@ def build(cfg: TrainConfig, dist: utils.Dist) -> Trainer:
     amp = autocast_dtype(cfg, dist.device)
     weights_dtype = amp if (amp is not None and not cfg.full_finetune) else torch.float32
     model = models.load_model(cfg.model, dist.device, weights_dtype, cfg.scheduler)
-    resolution = cfg.resolution or model.default_resolution()
-    if resolution % model.pipe.vae_scale_factor:
-        raise UsageError(f"--resolution {resolution} must be a multiple of {model.pipe.vae_scale_factor} for this model")
+    generation.checked_resolution(model, cfg.resolution)
     if cfg.full_finetune:
         models.enable_full_finetune(model)
     else:
         models.attach_lora(model, cfg.lora_rank, cfg.lora_alpha)
     if cfg.gradient_checkpointing:
         model.pipe.vae.enable_gradient_checkpointing()
-    reward = rewards.load_reward(cfg.reward, reward_sources(cfg), dtype=weights_dtype, device=dist.device,
+    reward = rewards.load_reward(cfg.reward, rewards.parse_reward_sources(cfg.reward_source), dtype=weights_dtype, device=dist.device,
                                  gradient_checkpointing=cfg.gradient_checkpointing)
     optimizer = torch.optim.AdamW(models.trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp == torch.float16)

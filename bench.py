@@ -1,0 +1,145 @@
+"""Time and memory of a DRaFT+ training step, as ratios from one run (nothing here is a test).
+
+    python bench.py                      # tiny SD model built on the fly, CPU
+    python bench.py --resolution 256 --repeats 5
+
+Prints:
+  (a) time of one DRaFT+ K=1 step (KL on) / time of the stock diffusers pipeline sampling the same
+      batch (CFG, batch 2, decoded), at N=50 and N=10 sampler steps;
+  (b) peak memory of a K=1 step at N=50 / at N=10;
+  (c) peak memory of a K=10 step with gradient checkpointing / of a K=1 step.
+Memory is the growth of the peak resident set above the footprint after the models are loaded,
+each configuration in a fresh process (on a GPU run it would be torch.cuda.max_memory_allocated).
+"""
+
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import tyro
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+@dataclass
+class BenchConfig:
+    resolution: int = 128  # image side; large enough that activations, not weights, dominate memory
+    batch_size: int = 2  # prompts per step and per pipeline call
+    repeats: int = 3  # timed repetitions per configuration (the median is reported)
+    guidance_scale: float = 7.5  # CFG scale for both the pipeline and the training step
+    lora_rank: int = 4  # LoRA rank; the tiny UNet's attention is 16-32 wide, so 32 would dwarf it
+
+
+PROMPTS = ["a red circle", "a green square"]
+
+
+def build_world(folder: str) -> tuple[str, str]:
+    import tiny_models
+    import tiny_rewards
+
+    return (tiny_models.make_tiny_sd(os.path.join(folder, "sd")),
+            tiny_rewards.make_tiny_clip(os.path.join(folder, "clip")))
+
+
+def make_trainer(bench: BenchConfig, model: str, clip: str, steps: int, truncation: int, checkpointing: bool):
+    import train
+    import utils
+
+    cfg = train.TrainConfig(
+        model=model, reward_source=[f"pickscore={clip}"], inference_steps=steps, truncation_steps=truncation,
+        guidance_scale=bench.guidance_scale, batch_size=bench.batch_size, resolution=bench.resolution,
+        lora_rank=bench.lora_rank, lora_alpha=bench.lora_rank, kl_coeff=0.1, gradient_checkpointing=checkpointing,
+        run_dir=os.path.join(tempfile.gettempdir(), "bench-unused"), device="cpu",
+    )
+    return train.build(cfg, utils.init_distributed("cpu"))
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: first calls pay for lazy initialisation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_ratio(bench: BenchConfig, model: str, clip: str, steps: int) -> tuple[float, float]:
+    from diffusers import StableDiffusionPipeline
+
+    from utils import generators
+
+    trainer = make_trainer(bench, model, clip, steps, truncation=1, checkpointing=False)
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    step_counter = iter(range(10**6))
+
+    def pipeline_call():
+        pipe(PROMPTS[: bench.batch_size], num_inference_steps=steps, guidance_scale=bench.guidance_scale,
+             height=bench.resolution, width=bench.resolution, output_type="pt",
+             generator=generators(range(bench.batch_size)))
+
+    def train_step():
+        trainer.step(next(step_counter))
+
+    return median_seconds(train_step, bench.repeats), median_seconds(pipeline_call, bench.repeats)
+
+
+def _rss_peak_growth(bench, model, clip, steps, truncation, checkpointing, queue):
+    trainer = make_trainer(bench, model, clip, steps, truncation, checkpointing)
+    import gc
+
+    gc.collect()
+    footprint = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM (peak RSS) so loading transients are not counted
+    trainer.step(0)
+    queue.put((_status_kb("VmHWM") - footprint) / 1024)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_growth_mb(bench, model, clip, steps, truncation, checkpointing) -> float:
+    # A fixed mmap threshold makes glibc return every freed large block to the OS, so the peak
+    # resident set follows live tensors instead of the allocator's retained heap.
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_rss_peak_growth, args=(bench, model, clip, steps, truncation, checkpointing, queue))
+    process.start()
+    process.join()
+    if process.exitcode != 0:
+        raise RuntimeError(f"memory measurement process failed with exit code {process.exitcode}")
+    return queue.get()
+
+
+def main(bench: BenchConfig) -> None:
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as folder:
+        model, clip = build_world(folder)
+        print(f"tiny SD at {bench.resolution}px, batch {bench.batch_size}, CFG {bench.guidance_scale}, "
+              f"LoRA rank {bench.lora_rank}, {torch.get_num_threads()} threads")
+        for steps in (50, 10):
+            step_s, pipe_s = time_ratio(bench, model, clip, steps)
+            print(f"(a) N={steps}: DRaFT+ K=1 step {step_s:.3f}s / pipeline {pipe_s:.3f}s = {step_s / pipe_s:.3f}")
+        k1_n50 = peak_growth_mb(bench, model, clip, 50, 1, False)
+        k1_n10 = peak_growth_mb(bench, model, clip, 10, 1, False)
+        print(f"(b) peak memory K=1: N=50 {k1_n50:.1f} MB / N=10 {k1_n10:.1f} MB = {k1_n50 / k1_n10:.3f}")
+        k10_ckpt = peak_growth_mb(bench, model, clip, 10, 10, True)
+        print(f"(c) peak memory K=10 checkpointed {k10_ckpt:.1f} MB / K=1 {k1_n10:.1f} MB = {k10_ckpt / k1_n10:.3f}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(BenchConfig))

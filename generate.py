@@ -1,0 +1,154 @@
+r"""Image grids of prompts by seeds: from the base model, from a training checkpoint, base and tuned
+side by side on the same noise, or any annealed-guidance mix.
+
+    # CPU smoke run on a checkpoint of a local pipeline
+    python generate.py --checkpoint runs/smoke/checkpoints/step-0000010 --prompt "a cat" "a dog" \
+        --num-images 2 --inference-steps 10 --side-by-side --out out/grid.png
+    # the base model alone
+    python generate.py --model path/to/pipeline --prompts animals --out out/base.png
+    # 2 GPUs: base and tuned SD 1.5 side by side on the first 8 bundled eval prompts
+    torchrun --nproc_per_node=2 generate.py --checkpoint runs/sd15-pickscore/checkpoints/step-0001000 \
+        --side-by-side --max-prompts 8 --out out/sd15-grid.png
+
+One row per prompt; for each seed, one column per weighing. Image (prompt p, repeat r) starts from
+the same noise as anneal.py's img_<p>_<r> with the same --seed, so the two agree.
+"""
+
+import itertools
+import os
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+import tyro
+from tqdm import tqdm
+
+import generation
+import prompts as prompt_sets
+import sampling
+import utils
+from utils import UsageError
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+@dataclass
+class GenerateConfig:
+    # training checkpoint folder, e.g. runs/NAME/checkpoints/step-0001000; none: the base model alone
+    checkpoint: str | None = None
+    model: str | None = None  # base pipeline (hub id or folder); default: the one the checkpoint records, else SD 1.5
+    out: str = "out/grid.png"  # grid image to write (.png, .jpg or .webp)
+    prompts: str = "eval_small"  # bundled prompt set name, or a .txt/.json/.jsonl file
+    prompt: tuple[str, ...] = ()  # prompts given on the command line, used instead of --prompts
+    max_prompts: int = 4  # grid rows: the first this many prompts
+    num_images: int = 4  # seeds per prompt
+    side_by_side: bool = False  # base and tuned next to each other on the same noise (same as --weighing base draft)
+    # annealed-guidance mixes per seed (base, draft, linear, power_P, step_F); default draft, or base with no --checkpoint
+    weighing: tuple[str, ...] = ()
+    seed: int = 0  # the noise of image (prompt p, repeat r) comes from (seed, p, r) alone, on any number of GPUs
+    inference_steps: int = 50  # sampler steps N
+    guidance_scale: float = 7.5  # classifier-free guidance scale (1 turns guidance off)
+    eta: float = 0.0  # DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like noise
+    scheduler: Literal["ddim", "pipeline"] = "ddim"  # DDIM built from the pipeline's config, or the pipeline's own scheduler
+    resolution: int | None = None  # image side in pixels; default from the model config (512 for SD 1.5)
+    batch_size: int = 4  # images per denoiser call per process
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights and latents; auto = bfloat16 on GPU, float32 on CPU
+    device: str = "auto"  # auto, cpu or cuda
+
+
+def validate(cfg: GenerateConfig) -> None:
+    """Everything that can be checked before loading or writing anything."""
+    positive = {"max_prompts": cfg.max_prompts, "num_images": cfg.num_images, "inference_steps": cfg.inference_steps,
+                "batch_size": cfg.batch_size}
+    for name, value in positive.items():
+        if value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if cfg.eta < 0:
+        raise UsageError(f"--eta must be >= 0, got {cfg.eta}")
+    if cfg.resolution is not None and cfg.resolution < 8:
+        raise UsageError(f"--resolution must be at least 8, got {cfg.resolution}")
+    if os.path.splitext(cfg.out)[1].lower() not in IMAGE_FORMATS:
+        raise UsageError(f"--out {cfg.out!r} must end in one of {', '.join(IMAGE_FORMATS)}")
+    if cfg.side_by_side and cfg.weighing:
+        raise UsageError("give --side-by-side or --weighing, not both (--side-by-side is --weighing base draft)")
+    tuned_only = [name for name in weighing_names(cfg) if name != "base"]
+    if cfg.checkpoint is None and tuned_only:
+        asked = "--side-by-side" if cfg.side_by_side else f"--weighing {tuned_only[0]}"
+        raise UsageError(f"{asked} needs a tuned model: give --checkpoint (without one there is only base)")
+    chosen_prompts(cfg)
+
+
+def weighing_names(cfg: GenerateConfig) -> list[str]:
+    if cfg.side_by_side:
+        return ["base", "draft"]
+    if not cfg.weighing:
+        return ["draft" if cfg.checkpoint else "base"]
+    try:
+        return list(dict.fromkeys(sampling.split_weighings(list(cfg.weighing))))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
+def chosen_prompts(cfg: GenerateConfig) -> list[str]:
+    return (list(cfg.prompt) or prompt_sets.load_prompts(cfg.prompts))[: cfg.max_prompts]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def render_share(cfg: GenerateConfig, model, weighings: list[str], all_prompts: list[str], dist: utils.Dist) -> dict:
+    """This rank's share of the (prompt, repeat) cells, every weighing: {(p, r, weighing): PIL image}."""
+    jobs = [(p, r) for p in range(len(all_prompts)) for r in range(cfg.num_images)]
+    mine = prompt_sets.shard(jobs, dist.rank, dist.world_size)
+    images = {}
+    settings = generation.SamplerSettings.of(cfg)
+    bar = tqdm(total=len(mine) * len(weighings), disable=not dist.is_main, desc="generate", dynamic_ncols=True)
+    for start in range(0, len(mine), cfg.batch_size):
+        batch = mine[start : start + cfg.batch_size]
+        seeds = [utils.derive_seed(cfg.seed, p, r) for p, r in batch]
+        for weighing in weighings:
+            rendered, _ = generation.generate(model, [all_prompts[p] for p, _ in batch], seeds, settings,
+                                              latent_dtype=model.unet.dtype, weighing=weighing)
+            pictures = utils.to_pil(rendered)
+            images.update({(p, r, weighing): picture for (p, r), picture in zip(batch, pictures)})
+            bar.update(len(batch))
+    bar.close()
+    return images
+
+
+def assemble_grid(cfg: GenerateConfig, images: dict, weighings: list[str], all_prompts: list[str]):
+    """Rows are prompts, captioned under their first image; columns are seeds, each split by weighing."""
+    columns = list(itertools.product(range(cfg.num_images), weighings))
+    rows = [[images[p, r, w] for r, w in columns] for p in range(len(all_prompts))]
+    captions = [[prompt] + [""] * (len(columns) - 1) for prompt in all_prompts]
+    header = [f"#{r} {w}" if len(weighings) > 1 else f"#{r}" for r, w in columns]
+    return utils.image_grid(rows, captions, header)
+
+
+@utils.exit_cleanly_on_usage_error
+def main(cfg: GenerateConfig) -> None:
+    validate(cfg)
+    weighings, all_prompts = weighing_names(cfg), chosen_prompts(cfg)
+    dist = utils.init_distributed(cfg.device)
+    model, resolution = generation.load_for_inference(cfg.model,
+                                                      cfg.checkpoint, dist.device,
+                                                      generation.inference_dtype(cfg.dtype, dist.device),
+                                                      cfg.scheduler, cfg.resolution)
+    cfg = replace(cfg, resolution=resolution)
+    utils.ensure_writable_dir(os.path.dirname(os.path.abspath(cfg.out)))
+
+    local = render_share(cfg, model, weighings, all_prompts, dist)
+    gathered = utils.gather_objects(local)
+    if dist.is_main:
+        grid = assemble_grid(cfg, {k: v for part in gathered for k, v in part.items()}, weighings, all_prompts)
+        image_format = IMAGE_FORMATS[os.path.splitext(cfg.out)[1].lower()]
+        utils.write_atomic_file(cfg.out, lambda tmp: grid.save(tmp, format=image_format))
+        print(f"wrote {cfg.out}: {len(all_prompts)} prompts x {cfg.num_images} seeds x {', '.join(weighings)}",
+              flush=True)
+    utils.barrier()
+    utils.shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(GenerateConfig, description=__doc__))

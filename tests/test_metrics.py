@@ -1,0 +1,303 @@
+"""metrics.py on tiny models: the JSON and table of a real run, 1 vs 2 processes, the --images round trip
+with anneal.py's output, every reward metric, the diversity arithmetic on real CLIP embeddings,
+DreamSim loading up to its weights, and bad input."""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import tyro
+from PIL import Image
+from transformers import CLIPImageProcessor, CLIPModel
+
+import anneal
+import metrics
+import rewards
+import tiny_rewards
+from conftest import ROOT
+from test_anneal import write_lora_checkpoint
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle"]
+REPEATS = 2
+SAMPLER = dict(inference_steps=4, guidance_scale=3.0, resolution=32, batch_size=3)
+UNREACHABLE = "http://127.0.0.1:9/"  # the discard port: the connection is refused at once
+
+
+def flags(**settings) -> list[str]:
+    return [f"--{key.replace('_', '-')}={value}" for key, value in settings.items()]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_sd, tmp_path_factory):
+    return write_lora_checkpoint(str(tmp_path_factory.mktemp("ckpt")), tiny_sd)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Tiny checkpoints of every reward; hpsv2/hpsv21 load only in this process (see tiny_rewards)."""
+    clip = tiny_rewards.make_tiny_clip(str(tmp_path_factory.mktemp("clip")))
+    aesthetic = tiny_rewards.make_tiny_aesthetic(str(tmp_path_factory.mktemp("aesthetic")))
+    hps_path, hps_arch = tiny_rewards.make_tiny_hps(str(tmp_path_factory.mktemp("hps") / "HPS_v2_compressed.pt"))
+    paths = {"pickscore": clip, "clip_l14": clip, "clip_h14": clip, "aesthetic": aesthetic,
+             "hpsv2": hps_path, "hpsv21": hps_path}
+    return paths, hps_arch
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return str(path)
+
+
+def run_metrics(args, world_size=1):
+    launcher = [sys.executable]
+    if world_size > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={world_size}", "--master_port", "29531"]
+    return subprocess.run(launcher + ["metrics.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def generated_args(checkpoint, sources, prompt_file):
+    paths, _ = sources
+    return ["--checkpoint", checkpoint, "--weighing", "base", "draft", "--metrics", "pickscore", "aesthetic",
+            "--reward-source", f"pickscore={paths['pickscore']}", f"aesthetic={paths['aesthetic']}",
+            "--prompt-set", prompt_file, "--num-repeats", str(REPEATS), *flags(**SAMPLER)]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(generated_args, tmp_path_factory):
+    """One process generating base and tuned images and scoring them: (JSON, stdout)."""
+    out = tmp_path_factory.mktemp("smoke") / "results" / "metrics.json"
+    result = run_metrics([*generated_args, "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text()), result.stdout
+
+
+def per_prompt_values(results: dict, name: str) -> dict:
+    return {(set_name, row["prompt_index"]): row[name] for set_name, result in results.items()
+            for row in result["per_prompt"]}
+
+
+def assert_same_values(ours: dict, reference: dict, atol: float):
+    assert ours.keys() == reference.keys()
+    worst = max(abs(ours[key] - reference[key]) for key in reference)
+    assert worst <= atol, worst
+
+
+def test_smoke_run_writes_resolved_config_per_prompt_values_and_statistics(smoke_run, tiny_sd, checkpoint):
+    output, stdout = smoke_run
+    config = output["config"]
+    assert set(config) == {f.name for f in dataclasses.fields(metrics.MetricsConfig)}
+    assert config["model"] == tiny_sd and config["checkpoint"] == checkpoint
+    assert config["weighing"] == ["base", "draft"] and config["metrics"] == ["pickscore", "aesthetic"]
+    assert (config["num_prompts"], config["resolution"], config["dtype"]) == (3, 32, "float32")
+    assert list(output["results"]) == ["base", "draft"]
+
+    for set_name, result in output["results"].items():
+        rows = result["per_prompt"]
+        assert result["num_prompts"] == 3
+        assert [(row["prompt_index"], row["prompt"], row["num_images"]) for row in rows] == [
+            (i, prompt, REPEATS) for i, prompt in enumerate(PROMPTS)]
+        for name in ("pickscore", "aesthetic"):
+            values = [row[name] for row in rows]
+            summary = result["metrics"][name]
+            assert summary["mean"] == pytest.approx(statistics.mean(values), rel=1e-12)
+            assert summary["std"] == pytest.approx(statistics.stdev(values), rel=1e-12)
+            half_width = 4.302653 * summary["std"] / math.sqrt(3)  # Student t, 2 degrees of freedom, 97.5%
+            assert summary["ci95"] == pytest.approx([summary["mean"] - half_width, summary["mean"] + half_width])
+        row = f"| {set_name} | 3 | {result['metrics']['pickscore']['mean']:.4f} ± "
+        assert row in stdout
+
+    pickscores = per_prompt_values(output["results"], "pickscore")
+    assert all(abs(pickscores["base", p] - pickscores["draft", p]) > 1e-4 for p in range(3))  # the LoRA matters
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_numbers(smoke_run, generated_args, tmp_path):
+    out = tmp_path / "two.json"
+    result = run_metrics([*generated_args, "--out", str(out)], world_size=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two, (one, _) = json.loads(out.read_text()), smoke_run
+    assert {**two["config"], "out": None} == {**one["config"], "out": None}
+    for name in ("pickscore", "aesthetic"):
+        assert_same_values(per_prompt_values(two["results"], name), per_prompt_values(one["results"], name), 1e-6)
+    # Rank 0 shows its share (prompts 0 and 2: 8 images over both sets); rank 1 shows no bar.
+    assert "8/8 [" in result.stderr and "/4 [" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def anneal_folder(checkpoint, prompt_file, tmp_path_factory):
+    """anneal.py's output for the smoke run's checkpoint, prompts, seeds and sampler settings."""
+    out = tmp_path_factory.mktemp("anneal")
+    anneal.main(anneal.AnnealConfig(checkpoint=checkpoint, weighing=("base", "draft"), prompts=prompt_file,
+                                    num_images=REPEATS, out=str(out), device="cpu", **SAMPLER))
+    return out
+
+
+def score_folder(folder, names, sources, out, **settings) -> dict:
+    paths, hps_arch = sources
+    cfg = metrics.MetricsConfig(images=str(folder), metrics=tuple(names), out=str(out), device="cpu",
+                                reward_source=[f"{name}={paths[name]}" for name in names if name in paths], **settings)
+    metrics.main(cfg, hps_arch=hps_arch)
+    return json.loads(out.read_text())
+
+
+def test_scoring_anneal_output_matches_generating_the_same_images(smoke_run, anneal_folder, sources, tmp_path):
+    scored = score_folder(anneal_folder, ["pickscore", "aesthetic"], sources, tmp_path / "folder.json", batch_size=3)
+    generated, _ = smoke_run
+    assert list(scored["results"]) == ["base", "draft"]
+    assert not set(metrics.GENERATION_FIELDS) & set(scored["config"])
+    # The subprocess ran on one thread and this process on more: float sums in another order may round
+    # a pixel to the other 8-bit value, which moves a score by about 1e-5, far less than another image
+    # does (the same prompt and seed under base and draft differ by more than 1e-3).
+    for name in ("pickscore", "aesthetic"):
+        ours, reference = per_prompt_values(scored["results"], name), per_prompt_values(generated["results"], name)
+        assert_same_values(ours, reference, 1e-4)
+    prompts = {(s, row["prompt_index"]): row["prompt"] for s, r in scored["results"].items() for row in r["per_prompt"]}
+    assert prompts == {(s, p): PROMPTS[p] for s in ("base", "draft") for p in range(3)}
+
+
+def folder_images(folder, prompt: int) -> torch.Tensor:
+    paths = sorted(p for p in os.listdir(folder) if p.startswith(f"img_{prompt:05d}_"))
+    return torch.stack([torch.from_numpy(np.array(Image.open(folder / p).convert("RGB"))).permute(2, 0, 1)
+                        for p in paths]).float() / 255
+
+
+def test_every_reward_metric_is_that_reward_averaged_over_a_prompts_images(anneal_folder, sources, tmp_path):
+    names = list(rewards.REWARD_NAMES)
+    folder = anneal_folder / "draft"
+    scored = score_folder(folder, names, sources, tmp_path / "all.json", batch_size=4)
+    rows = scored["results"]["draft"]["per_prompt"]
+    paths, hps_arch = sources
+    for name in names:
+        reward = rewards.load_reward(name, {name: paths[name]}, hps_arch=hps_arch)
+        for row in rows:
+            images = folder_images(folder, row["prompt_index"])
+            with torch.no_grad():
+                expected = reward(images, [row["prompt"]] * len(images)).double().mean().item()
+            assert row[name] == pytest.approx(expected, abs=1e-5), name
+
+
+def clip_image_embeddings(clip_folder: str, images: torch.Tensor) -> torch.Tensor:
+    """Projected image embeddings of the tiny CLIP through transformers' own model and processor."""
+    model, processor = CLIPModel.from_pretrained(clip_folder), CLIPImageProcessor.from_pretrained(clip_folder)
+    pixels = processor(images=[Image.fromarray(a) for a in (images * 255).round().byte().permute(0, 2, 3, 1).numpy()],
+                       return_tensors="pt").pixel_values
+    with torch.no_grad():
+        return model.get_image_features(pixel_values=pixels).pooler_output
+
+
+def test_diversity_is_the_mean_pairwise_cosine_distance_of_real_embeddings(anneal_folder, sources):
+    embeddings = clip_image_embeddings(sources[0]["clip_l14"], torch.cat(
+        [folder_images(anneal_folder / w, p) for w in ("base", "draft") for p in range(3)]))
+    pairs = [(i, j) for i in range(len(embeddings)) for j in range(i + 1, len(embeddings))]
+    by_pairs = sum(1 - F.cosine_similarity(embeddings[i], embeddings[j], dim=0).item() for i, j in pairs) / len(pairs)
+    diversity = metrics.mean_pairwise_cosine_distance(embeddings)
+    assert diversity == pytest.approx(by_pairs, rel=1e-4)  # float32 sums in another order
+    # For unit vectors ||a - b||^2 = 2 (1 - cos): the squared-distance form gives the same number.
+    squared = torch.pdist(F.normalize(embeddings.double(), dim=-1)).pow(2).mean().item() / 2
+    assert diversity == pytest.approx(squared, rel=1e-9)
+    assert diversity > 1e-3
+    assert metrics.mean_pairwise_cosine_distance(embeddings[:1].repeat(3, 1)) == pytest.approx(0, abs=1e-12)
+    assert metrics.mean_pairwise_cosine_distance(embeddings * 7.0) == pytest.approx(diversity, rel=1e-6)
+
+
+def test_diversity_per_prompt_then_averaged_over_prompts(anneal_folder, sources, tmp_path, monkeypatch):
+    """A diversity metric on tiny-CLIP embeddings goes through the very path of dreamsim_diversity."""
+    clip = sources[0]["clip_l14"]
+    spec = metrics.METRICS["dreamsim_diversity"]
+    monkeypatch.setitem(metrics.METRICS, "clip_diversity", dataclasses.replace(
+        spec, load=lambda setup: lambda images, prompts: clip_image_embeddings(clip, images.cpu())))
+    scored = score_folder(anneal_folder, ["clip_diversity"], sources, tmp_path / "diversity.json", batch_size=3)
+    for weighing in ("base", "draft"):
+        result = scored["results"][weighing]
+        embeddings = [clip_image_embeddings(clip, folder_images(anneal_folder / weighing, p)) for p in range(3)]
+        expected = [metrics.mean_pairwise_cosine_distance(e) for e in embeddings]
+        assert [row["clip_diversity"] for row in result["per_prompt"]] == pytest.approx(expected, rel=1e-5)
+        assert result["metrics"]["clip_diversity"]["mean"] == pytest.approx(statistics.mean(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("df, quantile", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (29, 2.0452), (1000, 1.9623)])
+def test_confidence_interval_uses_student_t_quantiles(df, quantile):
+    assert metrics.student_t_975(df) == pytest.approx(quantile, abs=2e-4)  # printed t tables
+
+
+def test_dreamsim_loads_until_its_weights_are_needed(anneal_folder, sources, tmp_path, monkeypatch, capsys):
+    dreamsim_model = pytest.importorskip("dreamsim.model")
+    monkeypatch.setitem(dreamsim_model.dreamsim_weights, "ensemble", UNREACHABLE + "dreamsim_ensemble_checkpoint.zip")
+    cache, out = tmp_path / "dreamsim", tmp_path / "out" / "m.json"
+    cfg = metrics.MetricsConfig(images=str(anneal_folder), metrics=("dreamsim_diversity",), dreamsim_cache=str(cache),
+                                out=str(out), device="cpu")
+    with pytest.raises(SystemExit) as exit_info:
+        metrics.main(cfg)
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert len(stderr) == 1 and str(cache) in stderr[0] and "--dreamsim-cache" in stderr[0], stderr
+    assert not out.parent.exists()
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        tyro.cli(metrics.MetricsConfig, args=["--help"], description=metrics.__doc__)
+    text = capsys.readouterr().out
+    assert "torchrun --nproc_per_node=8 metrics.py" in text
+    for field in dataclasses.fields(metrics.MetricsConfig):
+        assert f"--{field.name.replace('_', '-')}" in text, field.name
+
+
+@pytest.fixture(scope="module")
+def bad_folders(anneal_folder, tmp_path_factory):
+    """anneal.py's draft folder without its prompt files, and with one image per prompt."""
+    root = tmp_path_factory.mktemp("bad_folders")
+    shutil.copytree(anneal_folder / "draft", root / "no_prompts", ignore=shutil.ignore_patterns("prompt_*"))
+    shutil.copytree(anneal_folder / "draft", root / "one_image", ignore=shutil.ignore_patterns("img_*_001.png"))
+    return {"NO_PROMPTS": str(root / "no_prompts"), "ONE_IMAGE": str(root / "one_image")}
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(metrics=("pickscore", "nope")), "unknown metric 'nope'"),
+    (dict(metrics=("dreamsim_diversity",), num_repeats=1), "--num-repeats 2 or more"),
+    (dict(prompt_set="EMPTY"), "holds no prompts"),
+    (dict(images="NO_PROMPTS"), "no prompt_00000.txt"),
+    (dict(images="ONE_IMAGE", metrics=("dreamsim_diversity",)), "folder 'one_image' has 1 of prompt 0"),
+    (dict(checkpoint=None, weighing=("linear",)), "needs a tuned model"),
+    (dict(images="NO_PROMPTS", weighing=("draft",)), "--weighing has no use"),
+    (dict(num_prompts=4), "--num-prompts 4 exceeds the 3 prompts"),
+    (dict(weighing=("power_0",)), "invalid weighing 'power_0'"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(settings, message, checkpoint, prompt_file, bad_folders,
+                                                         tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    replacements = {"EMPTY": str(empty), **bad_folders}
+    settings = {key: replacements.get(value, value) if isinstance(value, str) else value
+                for key, value in settings.items()}
+    out = tmp_path / "out" / "m.json"
+    base = dict(checkpoint=checkpoint, prompt_set=prompt_file, out=str(out), device="cpu")
+    if "images" in settings:
+        base.pop("checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        metrics.main(metrics.MetricsConfig(**{**base, **settings}))
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2
+    assert len(stderr) == 1 and message in stderr[0], stderr
+    assert not out.parent.exists()
+
+
+def test_bad_input_on_the_command_line_has_no_traceback(tmp_path):
+    out = tmp_path / "out" / "m.json"
+    result = run_metrics(["--metrics", "pickscore,nope", "--out", str(out)])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: unknown metric 'nope'; valid: {', '.join(metrics.METRICS)}"]
+    assert not out.parent.exists()
