@@ -74,15 +74,9 @@ class AnnealConfig:
 
 def validate(cfg: AnnealConfig) -> None:
     """Everything that can be checked before loading or writing anything."""
-    positive = {"num_images": cfg.num_images, "inference_steps": cfg.inference_steps, "batch_size": cfg.batch_size,
-                "max_prompts": 1 if cfg.max_prompts is None else cfg.max_prompts}
-    for name, value in positive.items():
-        if value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if cfg.eta < 0:
-        raise UsageError(f"--eta must be >= 0, got {cfg.eta}")
-    if cfg.resolution is not None and cfg.resolution < 8:
-        raise UsageError(f"--resolution must be at least 8, got {cfg.resolution}")
+    utils.require_at_least_one(num_images=cfg.num_images, batch_size=cfg.batch_size,
+                               max_prompts=1 if cfg.max_prompts is None else cfg.max_prompts)
+    generation.validate_sampler_flags(cfg)
     weighing_names(cfg)
     for i, name in enumerate(cfg.score):
         if name not in rewards.REWARD_NAMES or name in cfg.score[:i]:
@@ -95,10 +89,7 @@ def validate(cfg: AnnealConfig) -> None:
 
 
 def weighing_names(cfg: AnnealConfig) -> list[str]:
-    try:
-        return list(dict.fromkeys(sampling.split_weighings(list(cfg.weighing))))
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    return generation.weighing_list(cfg.weighing)
 
 
 def chosen_prompts(cfg: AnnealConfig) -> list[str]:

@@ -3,7 +3,7 @@
     python bench.py                      # tiny SD model built on the fly, CPU
     python bench.py --resolution 256 --repeats 5
 
-Prints:
+Prints, for a tiny SD model and then a tiny SDXL model:
   (a) time of one DRaFT+ K=1 step (KL on) / time of the stock diffusers pipeline sampling the same
       batch (CFG, batch 2, decoded), at N=50 and N=10 sampler steps;
   (b) peak memory of a K=1 step at N=50 / at N=10;
@@ -39,14 +39,6 @@ class BenchConfig:
 PROMPTS = ["a red circle", "a green square"]
 
 
-def build_world(folder: str) -> tuple[str, str]:
-    import tiny_models
-    import tiny_rewards
-
-    return (tiny_models.make_tiny_sd(os.path.join(folder, "sd")),
-            tiny_rewards.make_tiny_clip(os.path.join(folder, "clip")))
-
-
 def make_trainer(bench: BenchConfig, model: str, clip: str, steps: int, truncation: int, checkpointing: bool):
     import train
     import utils
@@ -60,24 +52,26 @@ def make_trainer(bench: BenchConfig, model: str, clip: str, steps: int, truncati
     return train.build(cfg, utils.init_distributed("cpu"))
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: first calls pay for lazy initialisation
-    times = []
+def interleaved_medians(first, second, repeats: int) -> tuple[float, float]:
+    """Median seconds of each callable, run alternately so that any load on the machine weighs on
+    both alike and the ratio stays meaningful."""
+    first(), second()  # warm-up: first calls pay for lazy initialisation
+    times = ([], [])
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, bucket in zip((first, second), times):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def time_ratio(bench: BenchConfig, model: str, clip: str, steps: int) -> tuple[float, float]:
-    from diffusers import StableDiffusionPipeline
-
+    import models
     from utils import generators
 
     trainer = make_trainer(bench, model, clip, steps, truncation=1, checkpointing=False)
-    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    # The stock pipeline object, sampling with DDIM as the training step does (SDXL ships Euler).
+    pipe = models.load_model(model, torch.device("cpu"), scheduler="ddim").pipe
     step_counter = iter(range(10**6))
 
     def pipeline_call():
@@ -85,10 +79,7 @@ def time_ratio(bench: BenchConfig, model: str, clip: str, steps: int) -> tuple[f
              height=bench.resolution, width=bench.resolution, output_type="pt",
              generator=generators(range(bench.batch_size)))
 
-    def train_step():
-        trainer.step(next(step_counter))
-
-    return median_seconds(train_step, bench.repeats), median_seconds(pipeline_call, bench.repeats)
+    return interleaved_medians(lambda: trainer.step(next(step_counter)), pipeline_call, bench.repeats)
 
 
 def _rss_peak_growth(bench, model, clip, steps, truncation, checkpointing, queue):
@@ -125,21 +116,31 @@ def peak_growth_mb(bench, model, clip, steps, truncation, checkpointing) -> floa
     return queue.get()
 
 
+def report(bench: BenchConfig, family: str, model: str, clip: str) -> None:
+    print(f"tiny {family} at {bench.resolution}px, batch {bench.batch_size}, CFG {bench.guidance_scale}, "
+          f"LoRA rank {bench.lora_rank}, {torch.get_num_threads()} threads", flush=True)
+    for steps in (50, 10):
+        step_s, pipe_s = time_ratio(bench, model, clip, steps)
+        print(f"(a) N={steps}: DRaFT+ K=1 step {step_s:.3f}s / pipeline {pipe_s:.3f}s = {step_s / pipe_s:.3f}",
+              flush=True)
+    k1_n50 = peak_growth_mb(bench, model, clip, 50, 1, False)
+    k1_n10 = peak_growth_mb(bench, model, clip, 10, 1, False)
+    print(f"(b) peak memory K=1: N=50 {k1_n50:.1f} MB / N=10 {k1_n10:.1f} MB = {k1_n50 / k1_n10:.3f}", flush=True)
+    k10_ckpt = peak_growth_mb(bench, model, clip, 10, 10, True)
+    print(f"(c) peak memory K=10 checkpointed {k10_ckpt:.1f} MB / K=1 {k1_n10:.1f} MB = {k10_ckpt / k1_n10:.3f}",
+          flush=True)
+
+
 def main(bench: BenchConfig) -> None:
+    import tiny_models
+    import tiny_rewards
+
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
-        model, clip = build_world(folder)
-        print(f"tiny SD at {bench.resolution}px, batch {bench.batch_size}, CFG {bench.guidance_scale}, "
-              f"LoRA rank {bench.lora_rank}, {torch.get_num_threads()} threads")
-        for steps in (50, 10):
-            step_s, pipe_s = time_ratio(bench, model, clip, steps)
-            print(f"(a) N={steps}: DRaFT+ K=1 step {step_s:.3f}s / pipeline {pipe_s:.3f}s = {step_s / pipe_s:.3f}")
-        k1_n50 = peak_growth_mb(bench, model, clip, 50, 1, False)
-        k1_n10 = peak_growth_mb(bench, model, clip, 10, 1, False)
-        print(f"(b) peak memory K=1: N=50 {k1_n50:.1f} MB / N=10 {k1_n10:.1f} MB = {k1_n50 / k1_n10:.3f}")
-        k10_ckpt = peak_growth_mb(bench, model, clip, 10, 10, True)
-        print(f"(c) peak memory K=10 checkpointed {k10_ckpt:.1f} MB / K=1 {k1_n10:.1f} MB = {k10_ckpt / k1_n10:.3f}")
+        clip = tiny_rewards.make_tiny_clip(os.path.join(folder, "clip"))
+        report(bench, "SD", tiny_models.make_tiny_sd(os.path.join(folder, "sd")), clip)
+        report(bench, "SDXL", tiny_models.make_tiny_sdxl(os.path.join(folder, "sdxl")), clip)
 
 
 if __name__ == "__main__":
-    main(tyro.cli(BenchConfig))
+    main(tyro.cli(BenchConfig, description=__doc__))

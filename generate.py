@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 import generation
 import prompts as prompt_sets
-import sampling
 import utils
 from utils import UsageError
 
@@ -58,15 +57,8 @@ class GenerateConfig:
 
 def validate(cfg: GenerateConfig) -> None:
     """Everything that can be checked before loading or writing anything."""
-    positive = {"max_prompts": cfg.max_prompts, "num_images": cfg.num_images, "inference_steps": cfg.inference_steps,
-                "batch_size": cfg.batch_size}
-    for name, value in positive.items():
-        if value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if cfg.eta < 0:
-        raise UsageError(f"--eta must be >= 0, got {cfg.eta}")
-    if cfg.resolution is not None and cfg.resolution < 8:
-        raise UsageError(f"--resolution must be at least 8, got {cfg.resolution}")
+    utils.require_at_least_one(max_prompts=cfg.max_prompts, num_images=cfg.num_images, batch_size=cfg.batch_size)
+    generation.validate_sampler_flags(cfg)
     if os.path.splitext(cfg.out)[1].lower() not in IMAGE_FORMATS:
         raise UsageError(f"--out {cfg.out!r} must end in one of {', '.join(IMAGE_FORMATS)}")
     if cfg.side_by_side and cfg.weighing:
@@ -83,10 +75,7 @@ def weighing_names(cfg: GenerateConfig) -> list[str]:
         return ["base", "draft"]
     if not cfg.weighing:
         return ["draft" if cfg.checkpoint else "base"]
-    try:
-        return list(dict.fromkeys(sampling.split_weighings(list(cfg.weighing))))
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    return generation.weighing_list(cfg.weighing)
 
 
 def chosen_prompts(cfg: GenerateConfig) -> list[str]:

@@ -42,8 +42,11 @@ def generate(
     the KL when asked. x_T of sample b depends on seeds[b] alone, so any batching or world size
     gives the same images. `weighing` draws an annealed mix; `base_only` the pretrained model."""
     device = model.unet.device
-    conditioning = models.encode_prompts(model, prompts, sampling.uses_guidance(settings.guidance_scale))
+    conditioning = models.encode_prompts(model, prompts, sampling.uses_guidance(settings.guidance_scale),
+                                         settings.resolution)
     gens = utils.generators(seeds, device)
+    # Euler's init_noise_sigma depends on the timesteps, which the pipelines set before drawing x_T.
+    model.scheduler.set_timesteps(settings.num_steps, device=device)
     shape = model.latent_shape(len(prompts), settings.resolution)
     x_T = sampling.initial_latents(shape, gens, model.scheduler, device, latent_dtype)
     base = models.base_denoiser(model, conditioning)
@@ -56,6 +59,23 @@ def generate(
         lv_samples=lv_samples, checkpoint_denoiser=checkpoint_denoiser,
     )
     return models.decode(model, trajectory.latents), trajectory.kl
+
+
+def validate_sampler_flags(cfg) -> None:
+    """The sampler flags every entry script shares: --inference-steps, --eta, --resolution."""
+    utils.require_at_least_one(inference_steps=cfg.inference_steps)
+    if cfg.eta < 0:
+        raise UsageError(f"--eta must be >= 0, got {cfg.eta}")
+    if cfg.resolution is not None and cfg.resolution < 8:
+        raise UsageError(f"--resolution must be at least 8, got {cfg.resolution}")
+
+
+def weighing_list(values) -> list[str]:
+    """Validated weighing names, in order, each once."""
+    try:
+        return list(dict.fromkeys(sampling.split_weighings(list(values))))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def inference_dtype(choice: str, device: torch.device) -> torch.dtype:

@@ -43,10 +43,10 @@ import tyro
 from PIL import Image
 from tqdm import tqdm
 
+import demo_world
 import generation
 import prompts as prompt_sets
 import rewards
-import sampling
 import utils
 from utils import UsageError
 
@@ -155,11 +155,37 @@ def _first_line(error: Exception) -> str:
     return (str(error).strip() or type(error).__name__).splitlines()[0]
 
 
-# Every metric by name; the demo world's gold metrics join here.
+def load_gold(score: PerImage, setup: MetricSetup) -> PerImage:
+    """A demo-world gold metric, read from pixels; prompts outside the demo grammar are bad input."""
+    def per_image(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        try:
+            return score(images.cpu(), prompts)
+        except ValueError as error:
+            raise UsageError(f"gold metrics score demo-world prompts only: {error}") from None
+
+    return per_image
+
+
+def flat_pixels(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    return images.float().flatten(1).cpu()
+
+
+def mean_pairwise_rms_distance(pixels: torch.Tensor) -> float:
+    """Mean over the pairs i < j of one prompt's images [R, D] of their root-mean-square pixel difference."""
+    first, second = torch.triu_indices(len(pixels), len(pixels), offset=1)
+    return (pixels[first].double() - pixels[second].double()).pow(2).mean(-1).sqrt().mean().item()
+
+
+# Every metric by name. gold_*: the demo world's evaluator (demo_world.py), computed from pixels with no
+# learned part; gold_diversity is per prompt the mean RMS pixel distance over pairs of its images.
 METRICS = {
     **{name: MetricSpec(functools.partial(load_reward_metric, name), mean_over_repeats)
        for name in rewards.REWARD_NAMES},
     "dreamsim_diversity": MetricSpec(load_dreamsim, mean_pairwise_cosine_distance, min_repeats=2),
+    "gold_aesthetic": MetricSpec(functools.partial(load_gold, demo_world.gold_aesthetic), mean_over_repeats),
+    "gold_fidelity": MetricSpec(functools.partial(load_gold, demo_world.gold_fidelity), mean_over_repeats),
+    "gold_shape": MetricSpec(functools.partial(load_gold, demo_world.gold_shape), mean_over_repeats),
+    "gold_diversity": MetricSpec(functools.partial(load_gold, flat_pixels), mean_pairwise_rms_distance, min_repeats=2),
 }
 
 
@@ -188,15 +214,9 @@ class ImageSet:
 def validate(cfg: MetricsConfig) -> tuple[list[str], list[ImageSet]]:
     """Everything that can be checked before loading or writing anything; returns the metric names
     and what to score with them."""
-    positive = {"num_repeats": cfg.num_repeats, "inference_steps": cfg.inference_steps, "batch_size": cfg.batch_size,
-                "num_prompts": 1 if cfg.num_prompts is None else cfg.num_prompts}
-    for name, value in positive.items():
-        if value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if cfg.eta < 0:
-        raise UsageError(f"--eta must be >= 0, got {cfg.eta}")
-    if cfg.resolution is not None and cfg.resolution < 8:
-        raise UsageError(f"--resolution must be at least 8, got {cfg.resolution}")
+    utils.require_at_least_one(num_repeats=cfg.num_repeats, batch_size=cfg.batch_size,
+                               num_prompts=1 if cfg.num_prompts is None else cfg.num_prompts)
+    generation.validate_sampler_flags(cfg)
     if cfg.out is not None and os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out!r} is a folder; give the JSON file to write, e.g. {cfg.out}/metrics.json")
     names = metric_names(cfg)
@@ -220,10 +240,7 @@ def metric_names(cfg: MetricsConfig) -> list[str]:
 def weighing_names(cfg: MetricsConfig) -> list[str]:
     if not cfg.weighing:
         return ["draft" if cfg.checkpoint else "base"]
-    try:
-        names = list(dict.fromkeys(sampling.split_weighings(list(cfg.weighing))))
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    names = generation.weighing_list(cfg.weighing)
     tuned = [name for name in names if name != "base"]
     if tuned and cfg.checkpoint is None:
         raise UsageError(f"--weighing {tuned[0]} needs a tuned model: give --checkpoint "

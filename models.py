@@ -17,7 +17,9 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 FULL_UNET_DIR = "unet"
-FAMILIES = {"StableDiffusionPipeline": "sd"}
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+# Keyword arguments of from_pretrained that only some pipeline classes accept (others would warn).
+LOAD_KWARGS = {"sd": {"safety_checker": None, "requires_safety_checker": False}, "sdxl": {}}
 
 
 @dataclass
@@ -65,14 +67,17 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.floa
     family = detect_family(model)
     _quiet_loading()
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None, requires_safety_checker=False)
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, **LOAD_KWARGS[family])
     except Exception as error:
         raise UsageError(f"cannot load model {model!r}: {_first_line(error)}") from None
     if scheduler == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
-        part.requires_grad_(False).eval()
+    for part in pipe.components.values():
+        if isinstance(part, torch.nn.Module):
+            part.requires_grad_(False).eval()
+    if _upcasts_vae(family, pipe.vae) and pipe.vae.dtype == torch.float16:
+        pipe.vae.float()  # for good: switching dtypes around a decode that keeps its graph would break backward
     pipe.to(device)
     return DiffusionModel(pipe=pipe, family=family)
 
@@ -130,12 +135,30 @@ def adapters_disabled(unet):
 
 
 @torch.no_grad()
-def encode_prompts(model: DiffusionModel, prompts: list[str], guided: bool) -> dict:
-    """The UNet keyword arguments for a batch: `[uncond; cond]` when guided, the empty prompt as
-    negative, exactly as the pipeline's own encode_prompt builds them."""
+def encode_prompts(model: DiffusionModel, prompts: list[str], guided: bool, resolution: int) -> dict:
+    """The UNet keyword arguments for a batch of images `resolution` pixels square: `[uncond; cond]`
+    when guided, the empty prompt as negative, exactly as the pipeline's own encode_prompt builds them."""
+    if model.family == "sdxl":
+        return _encode_prompts_sdxl(model.pipe, prompts, guided, resolution)
     positive, negative = model.pipe.encode_prompt(prompts, model.unet.device, 1, guided, negative_prompt=None)
     hidden = torch.cat([negative, positive]) if guided else positive
     return {"encoder_hidden_states": hidden}
+
+
+def _encode_prompts_sdxl(pipe, prompts: list[str], guided: bool, resolution: int) -> dict:
+    """Both encoders' hidden states, and the added condition: the second encoder's pooled embedding
+    and the time ids of an uncropped image generated at its own size, as the SDXL pipeline's
+    defaults make them (its encode_prompt zeroes the negative when force_zeros_for_empty_prompt)."""
+    positive, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompts, device=pipe.unet.device, num_images_per_prompt=1, do_classifier_free_guidance=guided
+    )
+    size = (resolution, resolution)
+    time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=positive.dtype,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    time_ids = time_ids.to(pipe.unet.device).repeat(len(prompts) * (2 if guided else 1), 1)
+    if guided:
+        positive, pooled = torch.cat([negative, positive]), torch.cat([negative_pooled, pooled])
+    return {"encoder_hidden_states": positive, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
 
 def make_denoiser(unet, conditioning: dict):
@@ -170,8 +193,24 @@ def decode(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:
     z = latents / vae.config.scaling_factor
     if getattr(vae.config, "shift_factor", None):
         z = z + vae.config.shift_factor
-    images = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+    with _fp16_autocast_suspended(vae) if _upcasts_vae(model.family, vae) else contextlib.nullcontext():
+        images = vae.decode(z.to(vae.dtype), return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def _upcasts_vae(family: str, vae) -> bool:
+    """SDXL's VAE overflows in fp16, which its config flags with force_upcast, and the SDXL pipeline
+    then decodes in fp32. bf16 has fp32's range, so only fp16 is avoided."""
+    return family == "sdxl" and vae.config.force_upcast
+
+
+@contextlib.contextmanager
+def _fp16_autocast_suspended(vae):
+    """An fp32 VAE under fp16 autocast would run in fp16 after all."""
+    device_type = vae.device.type
+    fp16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+    with torch.autocast(device_type, enabled=False) if fp16 else contextlib.nullcontext():
+        yield
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""DRaFT+ training: reward fine-tuning by back-propagation through the last K sampler steps, with a
+r"""DRaFT+ training: reward fine-tuning by back-propagation through the last K sampler steps, with a
 KL penalty to the base model.
 
     # CPU smoke run on a local pipeline folder
@@ -71,15 +71,13 @@ class TrainConfig:
 
 def validate(cfg: TrainConfig) -> None:
     """Everything that can be checked before loading or writing anything."""
-    positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-                "inference_steps": cfg.inference_steps, "lora_rank": cfg.lora_rank, "save_every": cfg.save_every,
-                "log_every": cfg.log_every, "max_bad_steps": cfg.max_bad_steps, "val_prompts": cfg.val_prompts}
-    for name, value in positive.items():
-        if value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    utils.require_at_least_one(steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                               lora_rank=cfg.lora_rank, save_every=cfg.save_every, log_every=cfg.log_every,
+                               max_bad_steps=cfg.max_bad_steps, val_prompts=cfg.val_prompts)
+    generation.validate_sampler_flags(cfg)
     for name in ("val_every", "warmup_steps", "lv_samples"):
         if getattr(cfg, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+            raise UsageError(f"{utils.flag(name)} must be >= 0, got {getattr(cfg, name)}")
     low, high = cfg.truncation_range or (cfg.truncation_steps, cfg.truncation_steps)
     if not 0 <= low <= high <= cfg.inference_steps:
         raise UsageError(f"truncation steps must satisfy 0 <= K <= --inference-steps ({cfg.inference_steps}), got {low}..{high}")
@@ -89,11 +87,9 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("--lv-samples and --truncation-range exclude each other")
     for name in ("lr", "lora_alpha", "max_grad_norm"):
         if not getattr(cfg, name) > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    if cfg.kl_coeff < 0 or cfg.eta < 0 or cfg.weight_decay < 0:
-        raise UsageError("--kl-coeff, --eta and --weight-decay must be >= 0")
-    if cfg.resolution is not None and cfg.resolution < 8:
-        raise UsageError(f"--resolution must be at least 8, got {cfg.resolution}")
+            raise UsageError(f"{utils.flag(name)} must be positive, got {getattr(cfg, name)}")
+    if cfg.kl_coeff < 0 or cfg.weight_decay < 0:
+        raise UsageError("--kl-coeff and --weight-decay must be >= 0")
     rewards.parse_reward_spec(cfg.reward)
     rewards.parse_reward_sources(cfg.reward_source)
 
@@ -115,14 +111,14 @@ class PromptStream:
     def __init__(self, prompts: list[str], seed: int):
         self.prompts = prompts
         self.seed = seed
-        self._orders: dict[int, list[int]] = {}
+        self._epoch, self._order = -1, []
 
     def prompt(self, position: int) -> str:
         epoch, index = divmod(position, len(self.prompts))
-        if epoch not in self._orders:
+        if epoch != self._epoch:
             generator = torch.Generator().manual_seed(utils.derive_seed(self.seed, epoch))
-            self._orders = {epoch: torch.randperm(len(self.prompts), generator=generator).tolist()}
-        return self.prompts[self._orders[epoch][index]]
+            self._epoch, self._order = epoch, torch.randperm(len(self.prompts), generator=generator).tolist()
+        return self.prompts[self._order[index]]
 
     def noise_seed(self, position: int) -> int:
         return utils.derive_seed(self.seed, 1, position)
@@ -248,7 +244,7 @@ class Trainer:
 # Checkpoints
 
 
-def save_checkpoint(trainer: Trainer, step: int, bad_streak: int) -> None:
+def save_checkpoint(trainer: Trainer, step: int) -> None:
     """Rank 0 writes the tuned weights, optimizer, RNG and data position, and the config, atomically.
 
     Every rank's weight fingerprint is recorded too: they must agree, and a mismatch means the
@@ -259,8 +255,7 @@ def save_checkpoint(trainer: Trainer, step: int, bad_streak: int) -> None:
             models.save_tuned(trainer.model, folder)
             torch.save({"optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(),
                         "rng": torch.get_rng_state()}, os.path.join(folder, "trainer_state.pt"))
-            utils.save_json(os.path.join(folder, "state.json"), {"step": step, "bad_streak": bad_streak,
-                                                                         "rank_fingerprints": fingerprints})
+            utils.save_json(os.path.join(folder, "state.json"), {"step": step, "rank_fingerprints": fingerprints})
             utils.save_json(os.path.join(folder, "config.json"), asdict(trainer.cfg))
 
         utils.write_atomic_dir(utils.checkpoint_dir(trainer.cfg.run_dir, step), write)
@@ -275,7 +270,7 @@ def weights_fingerprint(model: models.DiffusionModel) -> str:
     return digest.hexdigest()
 
 
-def restore_checkpoint(trainer: Trainer, folder: str) -> tuple[int, int]:
+def restore_checkpoint(trainer: Trainer, folder: str) -> int:
     models.load_tuned_into_training(trainer.model, folder)
     state = torch.load(os.path.join(folder, "trainer_state.pt"), map_location="cpu", weights_only=True)
     trainer.optimizer.load_state_dict(state["optimizer"])
@@ -283,7 +278,7 @@ def restore_checkpoint(trainer: Trainer, folder: str) -> tuple[int, int]:
     torch.set_rng_state(state["rng"])
     with open(os.path.join(folder, "state.json")) as f:
         progress = json.load(f)
-    return progress["step"], progress["bad_streak"]
+    return progress["step"]
 
 
 def check_same_run(cfg: TrainConfig) -> None:
@@ -344,6 +339,44 @@ class Diverged(Exception):
     pass
 
 
+def run_steps(trainer: Trainer, start: int, log: utils.JsonlLog, run, val_prompts: list[str]) -> None:
+    """Steps `start` .. cfg.steps with logging, validation grids and checkpoints; raises Diverged."""
+    cfg, dist = trainer.cfg, trainer.dist
+    global_batch = cfg.batch_size * cfg.grad_accum * dist.world_size
+    bad_streak = 0
+    bar = tqdm(total=cfg.steps, initial=start, disable=not dist.is_main, desc="train", dynamic_ncols=True)
+    for step in range(start, cfg.steps):
+        done = step + 1
+        timer = utils.Timer()
+        if dist.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dist.device)
+        record = trainer.step(step)
+        seconds = timer.seconds()
+        record.update(step=done, sec_per_step=seconds, images_per_s=global_batch / seconds,
+                      peak_mem_mb=utils.peak_memory_mb(dist.device))
+        bad_streak = 0 if record["finite"] else bad_streak + 1
+        if not record["finite"]:
+            bar.write(f"warning: non-finite loss or gradient at step {done}; optimizer step skipped", file=sys.stderr)
+            if bad_streak >= cfg.max_bad_steps:
+                bar.close()
+                raise Diverged(f"{bad_streak} non-finite steps in a row at step {done}")
+        if cfg.val_every and (done % cfg.val_every == 0 or done == cfg.steps):
+            if dist.is_main:
+                record.update(trainer.validation_grid(done, val_prompts))
+            utils.barrier()
+        if dist.is_main:
+            log.write(record)
+            if run is not None:
+                run.log(record, step=done)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                bar.write(status_line(done, cfg.steps, record))
+        bar.update(1)
+        # Inside a run of skipped steps nothing is saved, so the newest checkpoint stays a good one.
+        if bad_streak == 0 and (done % cfg.save_every == 0 or done == cfg.steps):
+            save_checkpoint(trainer, done)
+    bar.close()
+
+
 @utils.exit_cleanly_on_usage_error
 def main(cfg: TrainConfig) -> None:
     validate(cfg)
@@ -351,55 +384,23 @@ def main(cfg: TrainConfig) -> None:
     torch.manual_seed(cfg.seed)
     trainer = build(cfg, dist)
     check_same_run(cfg)
-    val_prompts = trainer.stream.prompts[: cfg.val_prompts]
     utils.ensure_writable_dir(cfg.run_dir)
 
-    start, bad_streak = 0, 0
+    start = 0
     latest = utils.latest_checkpoint(cfg.run_dir)
     if latest:
-        start, bad_streak = restore_checkpoint(trainer, latest)
+        start = restore_checkpoint(trainer, latest)
         utils.print0(f"resuming from {latest} (step {start})")
     if dist.is_main:
         utils.save_json(os.path.join(cfg.run_dir, "config.json"), asdict(cfg))
-    log = utils.JsonlLog(os.path.join(cfg.run_dir, "log.jsonl"))
     run = start_wandb(cfg) if (cfg.wandb and dist.is_main) else None
-    global_batch = cfg.batch_size * cfg.grad_accum * dist.world_size
-
-    bar = tqdm(total=cfg.steps, initial=start, disable=not dist.is_main, desc="train", dynamic_ncols=True)
     try:
-        for step in range(start, cfg.steps):
-            timer = utils.Timer()
-            if dist.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dist.device)
-            record = trainer.step(step)
-            seconds = timer.seconds()
-            record.update(step=step + 1, sec_per_step=seconds, images_per_s=global_batch / seconds,
-                          peak_mem_mb=utils.peak_memory_mb(dist.device))
-            bad_streak = 0 if record["finite"] else bad_streak + 1
-            if not record["finite"]:
-                bar.write(f"warning: non-finite loss or gradient at step {step + 1}; optimizer step skipped")
-                if bad_streak >= cfg.max_bad_steps:
-                    raise Diverged(f"{bad_streak} non-finite steps in a row at step {step + 1}")
-            done = step + 1
-            if cfg.val_every and (done % cfg.val_every == 0 or done == cfg.steps):
-                if dist.is_main:
-                    record.update(trainer.validation_grid(done, val_prompts))
-                utils.barrier()
-            if dist.is_main:
-                log.write(record)
-                if run is not None:
-                    run.log(record, step=done)
-                if done % cfg.log_every == 0 or done == cfg.steps:
-                    bar.write(status_line(done, cfg.steps, record))
-            bar.update(1)
-            if done % cfg.save_every == 0 or done == cfg.steps:
-                save_checkpoint(trainer, done, bad_streak)
+        run_steps(trainer, start, utils.JsonlLog(os.path.join(cfg.run_dir, "log.jsonl")), run,
+                  trainer.stream.prompts[: cfg.val_prompts])
     except Diverged as error:
-        bar.close()
         kept = utils.latest_checkpoint(cfg.run_dir) or "none yet"
         print(f"error: training diverged: {error}; last good checkpoint: {kept}", file=sys.stderr)
         sys.exit(1)
-    bar.close()
     if run is not None:
         run.finish()
     utils.print0(f"done: {cfg.steps} steps, checkpoints in {os.path.join(cfg.run_dir, 'checkpoints')}")
@@ -407,4 +408,4 @@ def main(cfg: TrainConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(TrainConfig))
+    main(tyro.cli(TrainConfig, description=__doc__))

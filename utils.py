@@ -18,6 +18,17 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line on stderr with exit status 2."""
 
 
+def flag(field_name: str) -> str:
+    """The command-line spelling of a config field."""
+    return "--" + field_name.replace("_", "-")
+
+
+def require_at_least_one(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise UsageError(f"{flag(name)} must be at least 1, got {value}")
+
+
 def exit_cleanly_on_usage_error(main):
     """Turn a UsageError anywhere below `main` into one line on stderr and exit status 2."""
 

@@ -12,7 +12,7 @@ RES = 32
 
 def sample_ours(model, prompts, seeds, steps, guidance, eta, **kwargs):
     guided = sampling.uses_guidance(guidance)
-    cond = models.encode_prompts(model, prompts, guided)
+    cond = models.encode_prompts(model, prompts, guided, RES)
     gens = generators(seeds)
     x_T = sampling.initial_latents(model.latent_shape(len(prompts), RES), gens, model.scheduler, "cpu", torch.float32)
     return sampling.sample(
@@ -62,7 +62,7 @@ def counting(denoise, log):
 @pytest.mark.parametrize("truncation", [0, 1, 3])
 def test_graph_only_through_last_k_steps(tiny_sd, truncation):
     model = lora_model(tiny_sd, perturb=0.01)
-    cond = models.encode_prompts(model, PROMPTS, True)
+    cond = models.encode_prompts(model, PROMPTS, True, RES)
     calls = []
     x_T = sampling.initial_latents(model.latent_shape(2, RES), generators([1, 2]), model.scheduler, "cpu", torch.float32)
     result = sampling.sample(
@@ -81,7 +81,7 @@ def test_graph_only_through_last_k_steps(tiny_sd, truncation):
 
 def test_kl_zero_for_fresh_lora_and_equal_to_hand_computation(tiny_sd):
     fresh = lora_model(tiny_sd)
-    cond = models.encode_prompts(fresh, PROMPTS, True)
+    cond = models.encode_prompts(fresh, PROMPTS, True, RES)
     x_T = sampling.initial_latents(fresh.latent_shape(2, RES), generators([5, 6]), fresh.scheduler, "cpu", torch.float32)
     kwargs = dict(num_steps=5, guidance_scale=4.0, truncation_steps=2)
     result = sampling.sample(models.tuned_denoiser(fresh, cond), fresh.scheduler, x_T,
@@ -110,7 +110,7 @@ def test_kl_zero_for_fresh_lora_and_equal_to_hand_computation(tiny_sd):
 
 def test_lv_renoises_final_sample(tiny_sd):
     model = lora_model(tiny_sd, perturb=0.01)
-    cond = models.encode_prompts(model, PROMPTS, True)
+    cond = models.encode_prompts(model, PROMPTS, True, RES)
     calls = []
     x_T = sampling.initial_latents(model.latent_shape(2, RES), generators([1, 2]), model.scheduler, "cpu", torch.float32)
     result = sampling.sample(
@@ -128,7 +128,7 @@ def test_checkpointed_denoiser_gives_same_gradients(tiny_sd):
     grads = []
     for use_checkpoint in (False, True):
         model = lora_model(tiny_sd, perturb=0.01)
-        cond = models.encode_prompts(model, PROMPTS, True)
+        cond = models.encode_prompts(model, PROMPTS, True, RES)
         x_T = sampling.initial_latents(model.latent_shape(2, RES), generators([1, 2]), model.scheduler, "cpu", torch.float32)
         result = sampling.sample(models.tuned_denoiser(model, cond), model.scheduler, x_T, num_steps=4,
                                  guidance_scale=3.0, truncation_steps=2, checkpoint_denoiser=use_checkpoint)

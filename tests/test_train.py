@@ -129,7 +129,7 @@ def test_saved_lora_reproduces_our_images_in_a_stock_pipeline(reference_run, tin
 
     model = models.load_model(tiny_sd, torch.device("cpu"))
     models.load_checkpoint_for_inference(model, str(checkpoint))
-    cond = models.encode_prompts(model, prompts, True)
+    cond = models.encode_prompts(model, prompts, True, 32)
     x_T = sampling.initial_latents(model.latent_shape(2, 32), generators([1, 2]), model.scheduler, "cpu", torch.float32)
     with torch.no_grad():
         ours = sampling.sample(models.tuned_denoiser(model, cond), model.scheduler, x_T,
@@ -184,3 +184,18 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(flags, message, tiny_sd
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not run_dir.exists()
+
+
+def test_diverging_run_skips_bad_steps_then_stops_keeping_the_last_good_checkpoint(tiny_sd, tiny_clip, prompt_file,
+                                                                                 tmp_path):
+    run_dir = tmp_path / "diverge"
+    # An absurd learning rate sends the LoRA weights to ~1e30 after the first update: every later
+    # loss is non-finite.
+    args = common_args(tiny_sd, tiny_clip, prompt_file, run_dir, "--steps", "8", "--save-every", "1",
+                       "--max-bad-steps", "2") + ["--lr", "1e30"]
+    result = run_train(args, check=False)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "non-finite loss or gradient" in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: training diverged") and "step-0000001" in last_line, last_line
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step-0000001"]
