@@ -271,14 +271,20 @@ def weights_fingerprint(model: models.DiffusionModel) -> str:
 
 
 def restore_checkpoint(trainer: Trainer, folder: str) -> int:
-    models.load_tuned_into_training(trainer.model, folder)
-    state = torch.load(os.path.join(folder, "trainer_state.pt"), map_location="cpu", weights_only=True)
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"])
-    with open(os.path.join(folder, "state.json")) as f:
-        progress = json.load(f)
-    return progress["step"]
+    """Load weights, optimizer, RNG and position; a damaged checkpoint ends in one line."""
+    try:
+        models.load_tuned_into_training(trainer.model, folder)
+        state = torch.load(os.path.join(folder, "trainer_state.pt"), map_location="cpu", weights_only=True)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        with open(os.path.join(folder, "state.json")) as f:
+            return json.load(f)["step"]
+    except UsageError:
+        raise
+    except Exception as error:  # any damage: truncated file, wrong format, missing key
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot resume from {folder!r} ({text}); move it away to resume from an earlier one") from None
 
 
 def check_same_run(cfg: TrainConfig) -> None:

@@ -175,9 +175,17 @@ def test_training_steps_raise_the_reward_of_a_fixed_batch(tiny_sd, tiny_clip, pr
     (["--steps", "0"], "--steps"),
     (["--prompts", "no_such_set"], "no_such_set"),
     (["--model", "/no/such/model"], "/no/such/model"),
+    (["--reward", "pickscore,nosuchreward"], "nosuchreward"),
+    (["--steps", "-3"], "--steps"),
+    (["--resolution", "33"], "multiple of 2"),
+    (["--prompts", "EMPTY_FILE"], "no prompts"),
+    (["--prompts", "/no/such/prompts.txt"], "/no/such/prompts.txt"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(flags, message, tiny_sd, tiny_clip, prompt_file, tmp_path):
     run_dir = tmp_path / "run"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    flags = [str(empty) if flag == "EMPTY_FILE" else flag for flag in flags]
     args = common_args(tiny_sd, tiny_clip, prompt_file, run_dir, "--steps", "1") + flags
     result = run_train(args, check=False)
     assert result.returncode == 2, result.stderr[-2000:]
@@ -199,3 +207,18 @@ def test_diverging_run_skips_bad_steps_then_stops_keeping_the_last_good_checkpoi
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: training diverged") and "step-0000001" in last_line, last_line
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["step-0000001"]
+
+
+def test_damaged_checkpoint_is_one_line_exit_2_and_writes_nothing(reference_run, tmp_path):
+    _, reference_args, _ = reference_run
+    run_dir = tmp_path / "damaged"
+    checkpoint = run_dir / "checkpoints" / "step-0000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / models.LORA_FILE).write_bytes(b"not a safetensors file")
+    args = list(reference_args)
+    args[args.index("--run-dir") + 1] = str(run_dir)
+    result = run_train(args, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot resume from" in lines[0] and "step-0000002" in lines[0], result.stderr
+    assert sorted(p.name for p in run_dir.rglob("*")) == ["checkpoints", models.LORA_FILE, "step-0000002"]
