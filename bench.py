@@ -34,6 +34,7 @@ class BenchConfig:
     repeats: int = 3  # timed repetitions per configuration (the median is reported)
     guidance_scale: float = 7.5  # CFG scale for both the pipeline and the training step
     lora_rank: int = 4  # LoRA rank; the tiny UNet's attention is 16-32 wide, so 32 would dwarf it
+    threads: int = 1  # torch CPU threads; 1 keeps timings steady when other processes share the cores
 
 
 PROMPTS = ["a red circle", "a green square"]
@@ -83,6 +84,7 @@ def time_ratio(bench: BenchConfig, model: str, clip: str, steps: int) -> tuple[f
 
 
 def _rss_peak_growth(bench, model, clip, steps, truncation, checkpointing, queue):
+    torch.set_num_threads(bench.threads)
     trainer = make_trainer(bench, model, clip, steps, truncation, checkpointing)
     import gc
 
@@ -136,6 +138,7 @@ def main(bench: BenchConfig) -> None:
     import tiny_rewards
 
     torch.manual_seed(0)
+    torch.set_num_threads(bench.threads)
     with tempfile.TemporaryDirectory() as folder:
         clip = tiny_rewards.make_tiny_clip(os.path.join(folder, "clip"))
         report(bench, "SD", tiny_models.make_tiny_sd(os.path.join(folder, "sd")), clip)

@@ -40,7 +40,7 @@ def load_prompts(source: str) -> list[str]:
     """A bundled set by name, a named external set, or a file: .txt (one per line), .json (a list of
     strings, or of objects with a `prompt` or `caption` field), .jsonl (one such object per line).
     Blank prompts are skipped; an empty result is an error."""
-    if os.path.exists(source):
+    if os.path.isfile(source):  # not a folder: `demo` is both a bundled set and the demo world's weights folder
         return _read_checked(source)
     if source in bundled_sets():
         return _read_checked(os.path.join(PROMPT_SETS_DIR, source + ".txt"))
