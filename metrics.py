@@ -7,6 +7,8 @@ fine-tuned checkpoint or any annealed mix of the two, generated here or read fro
         --inference-steps 10 --out out/metrics.json
     # the images anneal.py wrote: one row per weighing folder under out/anneal
     python metrics.py --images out/anneal --metrics pickscore dreamsim_diversity --out out/anneal-metrics.json
+    # the demo world: learned and gold aesthetic, gold fidelity and diversity of base vs tuned, held-out prompts
+    python metrics.py --preset demo --checkpoint runs/demo/checkpoints/step-0000100 --out runs/demo/metrics.json
     # 8 GPUs: 500 HPD v2 prompts, 4 images each
     torchrun --nproc_per_node=8 metrics.py --checkpoint runs/sd15-pickscore/checkpoints/step-0001000 \
         --metrics pickscore hpsv2 dreamsim_diversity --prompt-set hpdv2 --num-prompts 500 --num-repeats 4 \
@@ -16,6 +18,9 @@ Metrics. pickscore, hpsv2, hpsv21, aesthetic, clip_l14, clip_h14: the rewards of
 over a prompt's images. dreamsim_diversity: per prompt, the mean DreamSim distance over the pairs of
 its images, where distance = 1 - cosine similarity of the DreamSim embeddings (the package's own
 definition); the embeddings are unit vectors, so this is half their squared Euclidean distance.
+
+gold_aesthetic, gold_fidelity, gold_shape, gold_diversity: the demo world's evaluator, read from
+pixels with no learned part (demo_world.py); gold_diversity is the mean RMS pixel distance over pairs.
 
 Images are scored as the 8-bit PNGs they are saved as, so generating here and scoring the folder
 anneal.py wrote with the same seed give the same numbers. Image (prompt p, repeat r) starts from noise
@@ -39,7 +44,6 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import tyro
 from PIL import Image
 from tqdm import tqdm
 
@@ -62,6 +66,8 @@ STATISTICS = ("per prompt: a reward is the mean over its images, dreamsim_divers
 
 @dataclass
 class MetricsConfig:
+    # a set of defaults: "demo" evaluates the demo world (see PRESETS); other flags still override it
+    preset: Literal["none", "demo"] = "none"
     # metrics: rewards (pickscore hpsv2 hpsv21 aesthetic clip_l14 clip_h14) and dreamsim_diversity
     metrics: tuple[str, ...] = ("pickscore",)
     checkpoint: str | None = None  # training checkpoint folder to evaluate; none: the base model alone
@@ -84,6 +90,15 @@ class MetricsConfig:
     dreamsim_cache: str = "~/.cache/dreamsim"  # DreamSim weights folder, filled on first use where github.com is reachable
     out: str | None = None  # also write the results as JSON to this file
     device: str = "auto"  # auto, cpu or cuda
+
+
+# The demo world's evaluation: held-out prompts and seeds, the sampler settings train.py's demo preset trains
+# with, the learned reward beside the gold evaluator.
+PRESETS = {
+    "demo": dict(metrics=("aesthetic", "gold_aesthetic", "gold_fidelity", "gold_shape", "gold_diversity"),
+                 weighing=("base", "draft"), prompt_set="demo_eval", num_repeats=4, seed=1000, inference_steps=20,
+                 guidance_scale=5.0, batch_size=24, reward_source=[f"aesthetic={demo_world.DEMO_CLIP}"]),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,4 +515,4 @@ def main(cfg: MetricsConfig, hps_arch: str = rewards.HPS_ARCH) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(MetricsConfig, description=__doc__))
+    main(utils.cli_with_presets(MetricsConfig, PRESETS, __doc__))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import tyro
 
 
 class UsageError(Exception):
@@ -57,6 +58,16 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def cli_with_presets(config_class, presets: dict[str, dict], description: str, args: list[str] | None = None):
+    """Parse the command line over the defaults of its --preset: a preset only changes defaults, so every
+    flag given still wins. Without --preset the class's own defaults (those of real use) apply."""
+    cfg = tyro.cli(config_class, args=args, description=description)
+    if cfg.preset not in presets:
+        return cfg
+    defaults = config_class(preset=cfg.preset, **presets[cfg.preset])
+    return tyro.cli(config_class, args=args, default=defaults, description=description)
 
 
 def init_distributed(device: str = "auto") -> Dist:
