@@ -5,8 +5,8 @@
     python build_demo_world.py --stages clip      # rebuilds the CLIP and aesthetic head alone
     python build_demo_world.py --out /tmp/demo --unet-steps 200   # a quick, poorer world elsewhere
 
-Everything is trained on scenes of demo_world.py drawn on the fly from --seed, so the same command (with the same --threads) on
-the same software gives the same weights. Stages:
+Everything is trained on scenes of demo_world.py drawn on the fly from --seed, so the same command
+(with the same --threads) on the same software gives the same weights. Stages:
 
 1. a tiny CLIP (ViT on 32x32 images, 2-layer text tower) trained contrastively on (scene, caption)
    pairs, jointly with a LAION-format aesthetic head on its normalised image embedding that regresses
