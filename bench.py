@@ -7,7 +7,8 @@ Prints, for a tiny SD model and then a tiny SDXL model:
   (a) time of one DRaFT+ K=1 step (KL on) / time of the stock diffusers pipeline sampling the same
       batch (CFG, batch 2, decoded), at N=50 and N=10 sampler steps;
   (b) peak memory of a K=1 step at N=50 / at N=10;
-  (c) peak memory of a K=10 step with gradient checkpointing / of a K=1 step.
+  (c) peak memory of a K=10 step with gradient checkpointing / of a K=1 step;
+and where a step's time goes, in units of one no-grad UNet call.
 Memory is the growth of the peak resident set above the footprint after the models are loaded,
 each configuration in a fresh process (on a GPU run it would be torch.cuda.max_memory_allocated).
 """
@@ -83,6 +84,43 @@ def time_ratio(bench: BenchConfig, model: str, clip: str, steps: int) -> tuple[f
     return interleaved_medians(lambda: trainer.step(next(step_counter)), pipeline_call, bench.repeats)
 
 
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def time_parts(bench: BenchConfig, model: str, clip: str) -> tuple[float, dict[str, float]]:
+    """Where a step's time goes: seconds of one no-grad UNet call with CFG and the LoRA off, and the
+    other parts of a step in units of that call."""
+    import models
+
+    trainer = make_trainer(bench, model, clip, steps=10, truncation=1, checkpointing=False)
+    model_, prompts = trainer.model, PROMPTS[: bench.batch_size]
+    conditioning = models.encode_prompts(model_, prompts, True, bench.resolution)
+    latents = torch.randn(model_.latent_shape(bench.batch_size, bench.resolution))
+    model_input, t = torch.cat([latents, latents]), torch.tensor(500)
+    tuned, base = models.tuned_denoiser(model_, conditioning), models.base_denoiser(model_, conditioning)
+
+    def unet_forward_backward():
+        tuned(model_input, t).square().mean().backward()
+
+    def decode_reward_forward_backward():
+        z = latents.clone().requires_grad_(True)
+        trainer.reward(models.decode(model_, z), prompts).sum().backward()
+
+    with torch.no_grad():
+        unet_s = median_seconds(lambda: base(model_input, t), bench.repeats)
+        parts = {"UNet with LoRA": median_seconds(lambda: tuned(model_input, t), bench.repeats)}
+    parts["UNet fwd+bwd"] = median_seconds(unet_forward_backward, bench.repeats)
+    parts["decode+reward fwd+bwd"] = median_seconds(decode_reward_forward_backward, bench.repeats)
+    return unet_s, {name: seconds / unet_s for name, seconds in parts.items()}
+
+
 def _rss_peak_growth(bench, model, clip, steps, truncation, checkpointing, queue):
     torch.set_num_threads(bench.threads)
     trainer = make_trainer(bench, model, clip, steps, truncation, checkpointing)
@@ -125,6 +163,9 @@ def report(bench: BenchConfig, family: str, model: str, clip: str) -> None:
         step_s, pipe_s = time_ratio(bench, model, clip, steps)
         print(f"(a) N={steps}: DRaFT+ K=1 step {step_s:.3f}s / pipeline {pipe_s:.3f}s = {step_s / pipe_s:.3f}",
               flush=True)
+    unet_s, parts = time_parts(bench, model, clip)
+    print(f"parts, in no-grad UNet calls with CFG ({unet_s * 1000:.1f} ms): "
+          + ", ".join(f"{name} {units:.2f}" for name, units in parts.items()), flush=True)
     k1_n50 = peak_growth_mb(bench, model, clip, 50, 1, False)
     k1_n10 = peak_growth_mb(bench, model, clip, 10, 1, False)
     print(f"(b) peak memory K=1: N=50 {k1_n50:.1f} MB / N=10 {k1_n10:.1f} MB = {k1_n50 / k1_n10:.3f}", flush=True)
@@ -134,9 +175,11 @@ def report(bench: BenchConfig, family: str, model: str, clip: str) -> None:
 
 
 def main(bench: BenchConfig) -> None:
+    import models
     import tiny_models
     import tiny_rewards
 
+    models.quiet_loading()
     torch.manual_seed(0)
     torch.set_num_threads(bench.threads)
     with tempfile.TemporaryDirectory() as folder:

@@ -65,13 +65,13 @@ def detect_family(model: str) -> str:
 def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.float32, scheduler: str = "ddim") -> DiffusionModel:
     """Load a pipeline with every part frozen; `scheduler="ddim"` swaps in DDIM built from its config."""
     family = detect_family(model)
-    _quiet_loading()
+    quiet_loading()
     try:
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, **LOAD_KWARGS[family])
     except Exception as error:
         raise UsageError(f"cannot load model {model!r}: {_first_line(error)}") from None
     if scheduler == "ddim":
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler = ddim_from(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for part in pipe.components.values():
         if isinstance(part, torch.nn.Module):
@@ -82,8 +82,16 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.floa
     return DiffusionModel(pipe=pipe, family=family)
 
 
-def _quiet_loading() -> None:
-    """Loading bars of every sub-model would bury the training status lines."""
+def ddim_from(config) -> DDIMScheduler:
+    """DDIM with the pipeline scheduler's noise schedule. A config that does not say whether to clip
+    x_0 (Euler's, for one) must not get DDIM's default of clipping it to [-1, 1]: that default is for
+    pixel-space models, and latents range wider."""
+    overrides = {} if "clip_sample" in config else {"clip_sample": False}
+    return DDIMScheduler.from_config(config, **overrides)
+
+
+def quiet_loading() -> None:
+    """Loading and saving bars of every sub-model would bury the status lines."""
     import diffusers
     import transformers
 

@@ -244,7 +244,8 @@ class Trainer:
             base_scores = self.reward(base_images, val_prompts).float()
             tuned_scores = self.reward(tuned_images, val_prompts).float()
         rows = [list(pair) for pair in zip(utils.to_pil(base_images), utils.to_pil(tuned_images))]
-        captions = [[f"base {b:.3g}", f"tuned {t:.3g}"] for b, t in zip(base_scores.tolist(), tuned_scores.tolist())]
+        captions = [[f"base {b:.3g}\n{prompt}", f"tuned {t:.3g}"]
+                    for prompt, b, t in zip(val_prompts, base_scores.tolist(), tuned_scores.tolist())]
         grid = utils.image_grid(rows, captions, header=["base", f"step {step}"])
         folder = os.path.join(self.cfg.run_dir, "val")
         os.makedirs(folder, exist_ok=True)

@@ -215,14 +215,17 @@ def to_pil(images: torch.Tensor) -> list:
 
 
 def image_grid(rows: list[list], captions: list[list[str]] | None = None, header: list[str] | None = None):
-    """Lay PIL images out in a grid, with an optional caption under each and a header per column."""
+    """Lay PIL images out in a grid, with an optional caption under each (wrapped to the image's
+    width; `\n` starts a new line) and a header per column."""
     from PIL import Image, ImageDraw, ImageFont
 
     rows = [[_at_least(image, 160) for image in row] for row in rows]
     width, height = rows[0][0].size
     font_size = max(10, min(24, width // 12))
     font = ImageFont.load_default(size=font_size)
-    caption_h = font_size + 6 if captions else 0
+    line_h = font_size + 4
+    wrapped = [[_wrapped(text, font, width - 6) for text in row] for row in captions or []]
+    caption_h = max((len(lines) for row in wrapped for lines in row), default=0) * line_h + (2 if captions else 0)
     header_h = font_size + 8 if header else 0
     columns = max(len(row) for row in rows)
     grid = Image.new("RGB", (columns * width, header_h + len(rows) * (height + caption_h)), "white")
@@ -233,9 +236,24 @@ def image_grid(rows: list[list], captions: list[list[str]] | None = None, header
         top = header_h + r * (height + caption_h)
         for c, image in enumerate(row):
             grid.paste(image, (c * width, top))
-            if captions:
-                draw.text((c * width + 3, top + height + 2), captions[r][c], fill="black", font=font)
+            for k, line in enumerate(wrapped[r][c] if captions else []):
+                draw.text((c * width + 3, top + height + 2 + k * line_h), line, fill="black", font=font)
     return grid
+
+
+def _wrapped(text: str, font, width: int) -> list[str]:
+    """Greedy word wrap to a width in pixels (a single word longer than that stays whole)."""
+    lines = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split():
+            candidate = f"{line} {word}" if line else word
+            if line and font.getlength(candidate) > width:
+                lines.append(line)
+                candidate = word
+            line = candidate
+        lines.append(line)
+    return lines
 
 
 def _at_least(image, side: int):

@@ -103,3 +103,14 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(checkpoint, tiny_sd,
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert files_under(tmp_path) == before
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_long_captions_wrap_under_their_own_image():
+    image = Image.new("RGB", (160, 160), "gray")
+    long_prompt = "a large red circle in the center on a blue background"
+    short = utils.image_grid([[image, image]], [["a", "b"]])
+    wrapped = utils.image_grid([[image, image]], [[long_prompt, "b"]])
+    assert wrapped.size[0] == short.size[0] and wrapped.size[1] > short.size[1]
+    # The second column's caption strip holds its own "b" alone, as with a short neighbour.
+    strip = (165, 160, 320, 176)
+    assert wrapped.crop(strip).tobytes() == short.crop(strip).tobytes()

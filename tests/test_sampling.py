@@ -135,3 +135,11 @@ def test_checkpointed_denoiser_gives_same_gradients(tiny_sd):
         result.latents.square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in models.trainable_parameters(model)]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_ddim_leaves_latents_unclipped_unless_the_config_asks():
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    # An Euler config says nothing about clipping; DDIM's own default would clip x_0 to [-1, 1].
+    assert models.ddim_from(EulerDiscreteScheduler().config).config.clip_sample is False
+    assert models.ddim_from(DDIMScheduler(clip_sample=True).config).config.clip_sample is True

@@ -1,0 +1,30 @@
+"""bench.py end to end at a toy resolution: every figure it promises is printed, positive and finite.
+(The figures themselves are measured at the defaults and reported in the README, not asserted.)"""
+
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_bench_prints_every_ratio_for_both_families():
+    result = subprocess.run([sys.executable, "bench.py", "--resolution", "16", "--repeats", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert [line.split()[1] for line in lines if line.startswith("tiny ")] == ["SD", "SDXL"]
+    for label in ("(a) N=50", "(a) N=10", "(b)", "(c)"):
+        ratios = [float(line.rsplit("= ", 1)[1]) for line in lines if line.startswith(label)]
+        assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios), (label, ratios)
+    parts = [line for line in lines if line.startswith("parts")]
+    assert len(parts) == 2
+    for line in parts:
+        units = [float(v) for v in re.findall(r"(?:LoRA|bwd) (\d+\.\d+)", line)]
+        assert len(units) == 3 and all(u > 0 for u in units), line
+    assert "Writing model shards" not in result.stdout + result.stderr  # no loading bars in the report
