@@ -95,8 +95,8 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def time_parts(bench: BenchConfig, model: str, clip: str) -> tuple[float, dict[str, float]]:
-    """Where a step's time goes: seconds of one no-grad UNet call with CFG and the LoRA off, and the
-    other parts of a step in units of that call."""
+    """Where a step's time goes: seconds of one no-grad call with CFG of the UNet as loaded (no LoRA
+    layers), and the other parts of a step in units of that call."""
     import models
 
     trainer = make_trainer(bench, model, clip, steps=10, truncation=1, checkpointing=False)
@@ -104,7 +104,8 @@ def time_parts(bench: BenchConfig, model: str, clip: str) -> tuple[float, dict[s
     conditioning = models.encode_prompts(model_, prompts, True, bench.resolution)
     latents = torch.randn(model_.latent_shape(bench.batch_size, bench.resolution))
     model_input, t = torch.cat([latents, latents]), torch.tensor(500)
-    tuned, base = models.tuned_denoiser(model_, conditioning), models.base_denoiser(model_, conditioning)
+    tuned = models.tuned_denoiser(model_, conditioning)
+    plain = models.make_denoiser(models.load_model(model, torch.device("cpu")).unet, conditioning)
 
     def unet_forward_backward():
         tuned(model_input, t).square().mean().backward()
@@ -113,9 +114,10 @@ def time_parts(bench: BenchConfig, model: str, clip: str) -> tuple[float, dict[s
         z = latents.clone().requires_grad_(True)
         trainer.reward(models.decode(model_, z), prompts).sum().backward()
 
-    with torch.no_grad():
-        unet_s = median_seconds(lambda: base(model_input, t), bench.repeats)
-        parts = {"UNet with LoRA": median_seconds(lambda: tuned(model_input, t), bench.repeats)}
+    with torch.no_grad():  # interleaved and repeated more: the two differ by little
+        lora_s, unet_s = interleaved_medians(lambda: tuned(model_input, t), lambda: plain(model_input, t),
+                                             3 * bench.repeats)
+    parts = {"UNet with LoRA": lora_s}
     parts["UNet fwd+bwd"] = median_seconds(unet_forward_backward, bench.repeats)
     parts["decode+reward fwd+bwd"] = median_seconds(decode_reward_forward_backward, bench.repeats)
     return unet_s, {name: seconds / unet_s for name, seconds in parts.items()}
