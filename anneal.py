@@ -28,14 +28,12 @@ import itertools
 import json
 import math
 import os
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import tyro
 from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
 
 import generation
 import prompts as prompt_sets
@@ -47,36 +45,25 @@ from utils import UsageError
 DIVERSITY_SIDE = 64
 
 
-@dataclass
-class AnnealConfig:
+@dataclass(kw_only=True)
+class AnnealConfig(generation.InferenceOptions, generation.RewardSourceOption):
     checkpoint: str  # training checkpoint folder, e.g. runs/NAME/checkpoints/step-0001000
     # tuned-model weight w at step i of N: base 0, draft 1, linear i/N, power_P (i/N)^P, step_F 1 once i/N >= F
     weighing: tuple[str, ...] = sampling.DEFAULT_WEIGHINGS
-    model: str | None = None  # base pipeline (hub id or folder); default: the --model recorded in the checkpoint
     prompts: str = "eval_small"  # bundled prompt set name, or a .txt/.json/.jsonl file
     prompt: tuple[str, ...] = ()  # prompts given on the command line, used instead of --prompts
     max_prompts: int | None = None  # use only the first this many prompts
     num_images: int = 4  # images per prompt and weighing
-    seed: int = 0  # the noise of image (prompt p, repeat r) comes from (seed, p, r) alone, on any number of GPUs
-    # reward names (e.g. pickscore hpsv2) to score every image with; adds the reward-diversity table and plot
+    # reward names (e.g. pickscore hpsv2) to score every image with, in float32; adds the reward-diversity table and plot
     score: tuple[str, ...] = ()
-    reward_source: list[str] = field(default_factory=list)  # NAME=PATH: load reward NAME from a local folder/file
-    inference_steps: int = 50  # sampler steps N
-    guidance_scale: float = 7.5  # classifier-free guidance scale (1 turns guidance off)
-    eta: float = 0.0  # DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like noise
-    scheduler: Literal["ddim", "pipeline"] = "ddim"  # DDIM built from the pipeline's config, or the pipeline's own scheduler
-    resolution: int | None = None  # image side in pixels; default from the model config (512 for SD 1.5)
-    batch_size: int = 4  # images per denoiser call per process
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights and latents; auto = bfloat16 on GPU, float32 on CPU
     out: str = "out/anneal"  # output folder
-    device: str = "auto"  # auto, cpu or cuda
 
 
 def validate(cfg: AnnealConfig) -> None:
     """Everything that can be checked before loading or writing anything."""
-    utils.require_at_least_one(num_images=cfg.num_images, batch_size=cfg.batch_size,
+    utils.require_at_least_one(num_images=cfg.num_images,
                                max_prompts=1 if cfg.max_prompts is None else cfg.max_prompts)
-    generation.validate_sampler_flags(cfg)
+    generation.validate_shared_options(cfg)
     weighing_names(cfg)
     for i, name in enumerate(cfg.score):
         if name not in rewards.REWARD_NAMES or name in cfg.score[:i]:
@@ -84,7 +71,6 @@ def validate(cfg: AnnealConfig) -> None:
     if cfg.score and cfg.num_images < 2:
         raise UsageError("--score also measures the diversity among a prompt's images: "
                          f"use --num-images 2 or more, got {cfg.num_images}")
-    rewards.parse_reward_sources(cfg.reward_source)
     chosen_prompts(cfg)
 
 
@@ -118,32 +104,33 @@ def save_text(text: str, path: str) -> None:
 
 @torch.no_grad()
 def render_and_score_share(cfg: AnnealConfig, model, reward, weighings: list[str], all_prompts: list[str],
-                           dist: utils.Dist) -> list[dict]:
-    """This rank's share of the (prompt, repeat) jobs for every weighing; returns one record per image."""
-    jobs = [(p, r) for p in range(len(all_prompts)) for r in range(cfg.num_images)]
-    mine = prompt_sets.shard(jobs, dist.rank, dist.world_size)
-    for weighing in weighings:
-        os.makedirs(os.path.join(cfg.out, weighing), exist_ok=True)
-    records = []
-    settings = generation.SamplerSettings.of(cfg)
-    bar = tqdm(total=len(mine) * len(weighings), disable=not dist.is_main, desc="anneal", dynamic_ncols=True)
-    for start in range(0, len(mine), cfg.batch_size):
-        batch = mine[start : start + cfg.batch_size]
-        batch_prompts = [all_prompts[p] for p, _ in batch]
-        seeds = [utils.derive_seed(cfg.seed, p, r) for p, r in batch]
-        for weighing in weighings:
-            images, _ = generation.generate(model, batch_prompts, seeds, settings, latent_dtype=model.unet.dtype,
-                                            weighing=weighing)
-            scores = rewards.per_reward_scores(reward, images, batch_prompts) if reward is not None else {}
-            for k, ((p, r), image) in enumerate(zip(batch, utils.to_pil(images))):
-                save_image(image, image_path(cfg.out, weighing, p, r))
-                if r == 0:
-                    save_text(all_prompts[p], os.path.join(cfg.out, weighing, f"prompt_{p:05d}.txt"))
-                records.append({"weighing": weighing, "prompt_index": p, "repeat": r, "prompt": all_prompts[p],
-                                **{name: values[k].item() for name, values in scores.items()}})
-            bar.update(len(batch))
-    bar.close()
-    return records
+                           dist: utils.Dist) -> tuple[list[dict], dict]:
+    """This rank's share of the prompts, every repeat and weighing: images, prompt files and grids
+    written, one record per image, and with --score {(weighing, prompt): diversity}. A prompt's grid
+    and diversity come from the images in memory, so no rank reads another's files (nodes need not
+    share a filesystem)."""
+    mine = prompt_sets.shard(list(range(len(all_prompts))), dist.rank, dist.world_size)
+    jobs = [(p, r) for p in mine for r in range(cfg.num_images)]
+    for folder in [*weighings, "grids"]:
+        os.makedirs(os.path.join(cfg.out, folder), exist_ok=True)
+    records, diversities = [], {}
+    pending: dict[int, dict[tuple[str, int], Image.Image]] = {}
+    texts = dict(enumerate(all_prompts))
+    for batch, weighing, images in generation.render_batches(
+            model, texts, jobs, weighings, generation.SamplerSettings.of(cfg), seed=cfg.seed,
+            batch_size=cfg.batch_size, desc="anneal", show_bar=dist.is_main):
+        scores = rewards.per_reward_scores(reward, images, [texts[p] for p, _ in batch]) if reward else {}
+        for k, ((p, r), image) in enumerate(zip(batch, utils.to_pil(images))):
+            save_image(image, image_path(cfg.out, weighing, p, r))
+            if r == 0:
+                save_text(all_prompts[p], os.path.join(cfg.out, weighing, f"prompt_{p:05d}.txt"))
+            records.append({"weighing": weighing, "prompt_index": p, "repeat": r, "prompt": all_prompts[p],
+                            **{name: values[k].item() for name, values in scores.items()}})
+            pending.setdefault(p, {})[weighing, r] = image
+        for p in dict.fromkeys(p for p, _ in batch):
+            if len(pending[p]) == len(weighings) * cfg.num_images:
+                diversities.update(finish_prompt(cfg, p, pending.pop(p), weighings, records))
+    return records, diversities
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,25 +145,19 @@ def diversity(images: list) -> float:
     return (torch.pdist(flat) / math.sqrt(flat.shape[1])).mean().item()
 
 
-def grids_and_diversity(cfg: AnnealConfig, weighings: list[str], records: list[dict], num_prompts: int,
-                        dist: utils.Dist) -> dict:
-    """Write this rank's share of the per-prompt grids; with --score return {(weighing, prompt): diversity}."""
-    os.makedirs(os.path.join(cfg.out, "grids"), exist_ok=True)
+def finish_prompt(cfg: AnnealConfig, p: int, images: dict, weighings: list[str], records: list[dict]) -> dict:
+    """Write prompt p's grid (one row per repeat, one column per weighing); with --score return its
+    {(weighing, p): diversity}."""
     caption_reward = cfg.score[0] if cfg.score else None
-    by_image = {(rec["weighing"], rec["prompt_index"], rec["repeat"]): rec for rec in records}
-    result = {}
-    for p in prompt_sets.shard(list(range(num_prompts)), dist.rank, dist.world_size):
-        columns = {w: [Image.open(image_path(cfg.out, w, p, r)).convert("RGB") for r in range(cfg.num_images)]
-                   for w in weighings}
-        rows = [[columns[w][r] for w in weighings] for r in range(cfg.num_images)]
-        captions = None
-        if caption_reward:
-            captions = [[f"{by_image[w, p, r][caption_reward]:.4g}" for w in weighings] for r in range(cfg.num_images)]
-        grid = utils.image_grid(rows, captions, header=weighings)
-        save_image(grid, os.path.join(cfg.out, "grids", f"grid_{p:05d}.png"))
-        if cfg.score:
-            result.update({(w, p): diversity(columns[w]) for w in weighings})
-    return result
+    rows = [[images[w, r] for w in weighings] for r in range(cfg.num_images)]
+    captions = None
+    if caption_reward:
+        score_of = {(rec["weighing"], rec["repeat"]): rec[caption_reward] for rec in records if rec["prompt_index"] == p}
+        captions = [[f"{score_of[w, r]:.4g}" for w in weighings] for r in range(cfg.num_images)]
+    save_image(utils.image_grid(rows, captions, header=weighings), os.path.join(cfg.out, "grids", f"grid_{p:05d}.png"))
+    if not cfg.score:
+        return {}
+    return {(w, p): diversity([images[w, r] for r in range(cfg.num_images)]) for w in weighings}
 
 
 def summarize(cfg: AnnealConfig, weighings: list[str], records: list[dict], diversities: dict,
@@ -265,13 +246,13 @@ def main(cfg: AnnealConfig) -> None:
     cfg = replace(cfg, resolution=resolution)
     reward = None
     if cfg.score:
+        # float32 whatever the generation dtype: bf16 would quantise a PickScore near 21 to steps of 0.125
         reward = rewards.load_reward(",".join(cfg.score), rewards.parse_reward_sources(cfg.reward_source),
-                                     dtype=model.unet.dtype, device=dist.device)
+                                     dtype=torch.float32, device=dist.device)
     utils.ensure_writable_dir(cfg.out)
 
-    local = render_and_score_share(cfg, model, reward, weighings, all_prompts, dist)
-    records = list(itertools.chain.from_iterable(utils.gather_objects(local)))
-    local_diversity = grids_and_diversity(cfg, weighings, records, len(all_prompts), dist)
+    local_records, local_diversity = render_and_score_share(cfg, model, reward, weighings, all_prompts, dist)
+    records = list(itertools.chain.from_iterable(utils.gather_objects(local_records)))
     diversities = {k: v for part in utils.gather_objects(local_diversity) for k, v in part.items()}
     if dist.is_main and cfg.score:
         rows = summarize(cfg, weighings, records, diversities, len(all_prompts))

@@ -42,16 +42,16 @@ PROMPTS = ["a red circle", "a green square"]
 
 
 def make_trainer(bench: BenchConfig, model: str, clip: str, steps: int, truncation: int, checkpointing: bool):
-    import train
+    import training
     import utils
 
-    cfg = train.TrainConfig(
+    cfg = training.TrainConfig(
         model=model, reward_source=[f"pickscore={clip}"], inference_steps=steps, truncation_steps=truncation,
         guidance_scale=bench.guidance_scale, batch_size=bench.batch_size, resolution=bench.resolution,
         lora_rank=bench.lora_rank, lora_alpha=bench.lora_rank, kl_coeff=0.1, gradient_checkpointing=checkpointing,
         run_dir=os.path.join(tempfile.gettempdir(), "bench-unused"), device="cpu",
     )
-    return train.build(cfg, utils.init_distributed("cpu"))
+    return training.build(cfg, utils.init_distributed("cpu"))
 
 
 def interleaved_medians(first, second, repeats: int) -> tuple[float, float]:

@@ -17,11 +17,9 @@ the same noise as anneal.py's img_<p>_<r> with the same --seed, so the two agree
 import itertools
 import os
 from dataclasses import dataclass, replace
-from typing import Literal
 
 import torch
 import tyro
-from tqdm import tqdm
 
 import generation
 import prompts as prompt_sets
@@ -31,11 +29,10 @@ from utils import UsageError
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
-@dataclass
-class GenerateConfig:
+@dataclass(kw_only=True)
+class GenerateConfig(generation.InferenceOptions):
     # training checkpoint folder, e.g. runs/NAME/checkpoints/step-0001000; none: the base model alone
     checkpoint: str | None = None
-    model: str | None = None  # base pipeline (hub id or folder); default: the one the checkpoint records, else SD 1.5
     out: str = "out/grid.png"  # grid image to write (.png, .jpg or .webp)
     prompts: str = "eval_small"  # bundled prompt set name, or a .txt/.json/.jsonl file
     prompt: tuple[str, ...] = ()  # prompts given on the command line, used instead of --prompts
@@ -44,21 +41,12 @@ class GenerateConfig:
     side_by_side: bool = False  # base and tuned next to each other on the same noise (same as --weighing base draft)
     # annealed-guidance mixes per seed (base, draft, linear, power_P, step_F); default draft, or base with no --checkpoint
     weighing: tuple[str, ...] = ()
-    seed: int = 0  # the noise of image (prompt p, repeat r) comes from (seed, p, r) alone, on any number of GPUs
-    inference_steps: int = 50  # sampler steps N
-    guidance_scale: float = 7.5  # classifier-free guidance scale (1 turns guidance off)
-    eta: float = 0.0  # DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like noise
-    scheduler: Literal["ddim", "pipeline"] = "ddim"  # DDIM built from the pipeline's config, or the pipeline's own scheduler
-    resolution: int | None = None  # image side in pixels; default from the model config (512 for SD 1.5)
-    batch_size: int = 4  # images per denoiser call per process
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # weights and latents; auto = bfloat16 on GPU, float32 on CPU
-    device: str = "auto"  # auto, cpu or cuda
 
 
 def validate(cfg: GenerateConfig) -> None:
     """Everything that can be checked before loading or writing anything."""
-    utils.require_at_least_one(max_prompts=cfg.max_prompts, num_images=cfg.num_images, batch_size=cfg.batch_size)
-    generation.validate_sampler_flags(cfg)
+    utils.require_at_least_one(max_prompts=cfg.max_prompts, num_images=cfg.num_images)
+    generation.validate_shared_options(cfg)
     if os.path.splitext(cfg.out)[1].lower() not in IMAGE_FORMATS:
         raise UsageError(f"--out {cfg.out!r} must end in one of {', '.join(IMAGE_FORMATS)}")
     if cfg.side_by_side and cfg.weighing:
@@ -91,18 +79,10 @@ def render_share(cfg: GenerateConfig, model, weighings: list[str], all_prompts: 
     jobs = [(p, r) for p in range(len(all_prompts)) for r in range(cfg.num_images)]
     mine = prompt_sets.shard(jobs, dist.rank, dist.world_size)
     images = {}
-    settings = generation.SamplerSettings.of(cfg)
-    bar = tqdm(total=len(mine) * len(weighings), disable=not dist.is_main, desc="generate", dynamic_ncols=True)
-    for start in range(0, len(mine), cfg.batch_size):
-        batch = mine[start : start + cfg.batch_size]
-        seeds = [utils.derive_seed(cfg.seed, p, r) for p, r in batch]
-        for weighing in weighings:
-            rendered, _ = generation.generate(model, [all_prompts[p] for p, _ in batch], seeds, settings,
-                                              latent_dtype=model.unet.dtype, weighing=weighing)
-            pictures = utils.to_pil(rendered)
-            images.update({(p, r, weighing): picture for (p, r), picture in zip(batch, pictures)})
-            bar.update(len(batch))
-    bar.close()
+    for batch, weighing, rendered in generation.render_batches(
+            model, dict(enumerate(all_prompts)), mine, weighings, generation.SamplerSettings.of(cfg), seed=cfg.seed,
+            batch_size=cfg.batch_size, desc="generate", show_bar=dist.is_main):
+        images.update({(p, r, weighing): picture for (p, r), picture in zip(batch, utils.to_pil(rendered))})
     return images
 
 

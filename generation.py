@@ -1,14 +1,67 @@
 """Prompts and seeds to images: the glue between models.py (family-specific) and sampling.py
 (family-free), shared by training rollouts, annealed sampling, grids and metrics."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterator, Literal, Mapping
 
 import torch
+from tqdm import tqdm
 
 import models
+import rewards
 import sampling
 import utils
 from utils import UsageError
+
+# ---------------------------------------------------------------------------------------------
+# Options several entry scripts share, each defined once: a script's config inherits the groups it takes.
+
+
+@dataclass(kw_only=True)
+class SamplerOptions:
+    inference_steps: int = 50  # sampler steps N
+    guidance_scale: float = 7.5  # classifier-free guidance scale (1 turns guidance off)
+    eta: float = 0.0  # DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like noise
+    scheduler: Literal["ddim", "pipeline"] = "ddim"  # DDIM built from the pipeline's config, or the pipeline's own scheduler
+    resolution: int | None = None  # image side in pixels; default from the model config (512 for SD 1.5)
+
+
+@dataclass(kw_only=True)
+class DeviceOption:
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA if there is one; each process takes the GPU of its LOCAL_RANK
+
+
+@dataclass(kw_only=True)
+class RewardSourceOption:
+    reward_source: list[str] = field(default_factory=list)  # NAME=PATH: load reward NAME from a local folder/file
+
+
+@dataclass(kw_only=True)
+class InferenceOptions(SamplerOptions, DeviceOption):
+    model: str | None = None  # base pipeline (hub id or folder); default: the one the checkpoint records, else SD 1.5
+    seed: int = 0  # the noise of image (prompt p, repeat r) comes from (seed, p, r) alone, on any number of GPUs
+    batch_size: int = 4  # images per denoiser call per process
+    # diffusion weights and latents; auto = bfloat16 on GPU, float32 on CPU (scores are always computed in float32)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+def validate_shared_options(cfg) -> None:
+    """The checks of the shared option groups a config has, and no float flag NaN or infinite."""
+    utils.require_finite(cfg)
+    if isinstance(cfg, SamplerOptions):
+        utils.require_at_least_one(inference_steps=cfg.inference_steps)
+        if cfg.eta < 0:
+            raise UsageError(f"--eta must be >= 0, got {cfg.eta}")
+        if cfg.resolution is not None and cfg.resolution < 8:
+            raise UsageError(f"--resolution must be at least 8, got {cfg.resolution}")
+    if isinstance(cfg, InferenceOptions):
+        utils.require_at_least_one(batch_size=cfg.batch_size)
+    if isinstance(cfg, RewardSourceOption):
+        rewards.parse_reward_sources(cfg.reward_source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
 
 
 @dataclass(frozen=True)
@@ -61,13 +114,31 @@ def generate(
     return models.decode(model, trajectory.latents), trajectory.kl
 
 
-def validate_sampler_flags(cfg) -> None:
-    """The sampler flags every entry script shares: --inference-steps, --eta, --resolution."""
-    utils.require_at_least_one(inference_steps=cfg.inference_steps)
-    if cfg.eta < 0:
-        raise UsageError(f"--eta must be >= 0, got {cfg.eta}")
-    if cfg.resolution is not None and cfg.resolution < 8:
-        raise UsageError(f"--resolution must be at least 8, got {cfg.resolution}")
+Job = tuple[int, int]  # (prompt index in its set, repeat)
+
+
+def render_jobs(model: models.DiffusionModel, texts: Mapping[int, str], jobs: list[Job], settings: SamplerSettings,
+                *, seed: int, weighing: str) -> torch.Tensor:
+    """Images of (prompt p, repeat r) jobs as generate, anneal and metrics all draw them: the noise of
+    (p, r) comes from (seed, p, r) alone, so any batching or number of GPUs gives the same images, and
+    latents are in the weights' dtype."""
+    seeds = [utils.derive_seed(seed, p, r) for p, r in jobs]
+    images, _ = generate(model, [texts[p] for p, _ in jobs], seeds, settings, latent_dtype=model.unet.dtype,
+                         weighing=weighing)
+    return images
+
+
+def render_batches(model: models.DiffusionModel, texts: Mapping[int, str], jobs: list[Job], weighings: list[str],
+                   settings: SamplerSettings, *, seed: int, batch_size: int, desc: str,
+                   show_bar: bool) -> Iterator[tuple[list[Job], str, torch.Tensor]]:
+    """(batch, weighing, images) for every batch of `jobs` and every weighing, under a progress bar."""
+    bar = tqdm(total=len(jobs) * len(weighings), disable=not show_bar, desc=desc, dynamic_ncols=True)
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start : start + batch_size]
+        for weighing in weighings:
+            yield batch, weighing, render_jobs(model, texts, batch, settings, seed=seed, weighing=weighing)
+            bar.update(len(batch))
+    bar.close()
 
 
 def weighing_list(values) -> list[str]:

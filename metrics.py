@@ -38,7 +38,7 @@ import math
 import os
 import re
 import zipfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Literal
 
 import numpy as np
@@ -64,32 +64,21 @@ STATISTICS = ("per prompt: a reward is the mean over its images, dreamsim_divers
               "the per-prompt values, 95% Student-t confidence interval of the mean")
 
 
-@dataclass
-class MetricsConfig:
+@dataclass(kw_only=True)
+class MetricsConfig(generation.InferenceOptions, generation.RewardSourceOption):
     # a set of defaults: "demo" evaluates the demo world (see PRESETS); other flags still override it
     preset: Literal["none", "demo"] = "none"
     # metrics: rewards (pickscore hpsv2 hpsv21 aesthetic clip_l14 clip_h14) and dreamsim_diversity
     metrics: tuple[str, ...] = ("pickscore",)
     checkpoint: str | None = None  # training checkpoint folder to evaluate; none: the base model alone
-    model: str | None = None  # base pipeline (hub id or folder); default: the one the checkpoint records, else SD 1.5
     # annealed-guidance mixes to evaluate (base, draft, linear, power_P, step_F); default draft, or base with no --checkpoint
     weighing: tuple[str, ...] = ()
     images: str | None = None  # score the images of this anneal.py folder (its --out, or one weighing in it) instead of generating
     prompt_set: str = "eval_small"  # bundled set, external set (hpdv2 pickscore_train pickscore_test) or a .txt/.json/.jsonl file
     num_prompts: int | None = None  # evaluate this many prompts spread evenly over the set; none: all of them
     num_repeats: int = 4  # images per prompt (dreamsim_diversity needs 2 or more); with --images, the folder's own
-    seed: int = 0  # the noise of image (prompt p, repeat r) comes from (seed, p, r) alone, on any number of GPUs
-    inference_steps: int = 50  # sampler steps N
-    guidance_scale: float = 7.5  # classifier-free guidance scale (1 turns guidance off)
-    eta: float = 0.0  # DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like noise
-    scheduler: Literal["ddim", "pipeline"] = "ddim"  # DDIM built from the pipeline's config, or the pipeline's own scheduler
-    resolution: int | None = None  # image side in pixels; default from the model config (512 for SD 1.5)
-    batch_size: int = 4  # images per denoiser and metric call per process
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # diffusion and reward weights; auto = bfloat16 on GPU, float32 on CPU
-    reward_source: list[str] = field(default_factory=list)  # NAME=PATH: load reward NAME from a local folder/file
     dreamsim_cache: str = "~/.cache/dreamsim"  # DreamSim weights folder, filled on first use where github.com is reachable
     out: str | None = None  # also write the results as JSON to this file
-    device: str = "auto"  # auto, cpu or cuda
 
 
 # The demo world's evaluation: held-out prompts and seeds, the sampler settings train.py's demo preset trains
@@ -110,7 +99,6 @@ PerImage = Callable[[torch.Tensor, list[str]], torch.Tensor]  # images [B,3,H,W]
 @dataclass(frozen=True)
 class MetricSetup:
     device: torch.device
-    dtype: torch.dtype
     reward_sources: dict[str, str]
     dreamsim_cache: str
     hps_arch: str = rewards.HPS_ARCH  # open_clip architecture of hpsv2/hpsv21; only tests change it
@@ -124,7 +112,8 @@ class MetricSpec:
 
 
 def load_reward_metric(name: str, setup: MetricSetup) -> PerImage:
-    reward = rewards.load_reward(name, setup.reward_sources, setup.dtype, setup.device, hps_arch=setup.hps_arch)
+    # float32 whatever the generation dtype: bf16 would quantise a PickScore near 21 to steps of 0.125
+    reward = rewards.load_reward(name, setup.reward_sources, torch.float32, setup.device, hps_arch=setup.hps_arch)
     return lambda images, prompts: reward(images, prompts).float().cpu()
 
 
@@ -229,13 +218,12 @@ class ImageSet:
 def validate(cfg: MetricsConfig) -> tuple[list[str], list[ImageSet]]:
     """Everything that can be checked before loading or writing anything; returns the metric names
     and what to score with them."""
-    utils.require_at_least_one(num_repeats=cfg.num_repeats, batch_size=cfg.batch_size,
+    utils.require_at_least_one(num_repeats=cfg.num_repeats,
                                num_prompts=1 if cfg.num_prompts is None else cfg.num_prompts)
-    generation.validate_sampler_flags(cfg)
+    generation.validate_shared_options(cfg)
     if cfg.out is not None and os.path.isdir(cfg.out):
         raise UsageError(f"--out {cfg.out!r} is a folder; give the JSON file to write, e.g. {cfg.out}/metrics.json")
     names = metric_names(cfg)
-    rewards.parse_reward_sources(cfg.reward_source)
     image_sets = folder_image_sets(cfg) if cfg.images is not None else generated_image_sets(cfg)
     check_repeats(image_sets, names)
     return names, image_sets
@@ -367,12 +355,9 @@ def load_pngs(paths: list[str]) -> torch.Tensor:
 def images_for(image_set: ImageSet, batch: list[tuple[int, int]], *, cfg: MetricsConfig, model, device) -> torch.Tensor:
     if image_set.files is not None:
         return load_pngs([image_set.files[job] for job in batch]).to(device)
-    seeds = [utils.derive_seed(cfg.seed, p, r) for p, r in batch]
-    settings = generation.SamplerSettings.of(cfg)
-    # Latents in the weights' dtype, as anneal.py draws them, so that its folders score the same.
-    images, _ = generation.generate(model, [image_set.prompts[p] for p, _ in batch], seeds, settings,
-                                    latent_dtype=model.unet.dtype, weighing=image_set.name)
-    return as_saved(images)
+    # Drawn as anneal.py draws them, so that its folders score the same.
+    return as_saved(generation.render_jobs(model, image_set.prompts, batch, generation.SamplerSettings.of(cfg),
+                                           seed=cfg.seed, weighing=image_set.name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,7 +474,7 @@ def main(cfg: MetricsConfig, hps_arch: str = rewards.HPS_ARCH) -> None:
     dtype = generation.inference_dtype(cfg.dtype, dist.device)
     cfg = replace(cfg, dtype=str(dtype).removeprefix("torch."))
     sources = rewards.parse_reward_sources(cfg.reward_source)
-    setup = MetricSetup(dist.device, dtype, sources, cfg.dreamsim_cache, hps_arch)
+    setup = MetricSetup(dist.device, sources, cfg.dreamsim_cache, hps_arch)
     model = None
     if cfg.images is None:
         model, resolution = generation.load_for_inference(cfg.model,

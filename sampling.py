@@ -40,15 +40,30 @@ def initial_latents(shape, generators, scheduler, device, dtype) -> torch.Tensor
     return randn_tensor(shape, generator=generators, device=device, dtype=dtype) * scheduler.init_noise_sigma
 
 
-def guided_output(denoise: Denoiser, scheduler, x: torch.Tensor, t: torch.Tensor, guidance_scale: float):
-    """The denoiser's prediction at x_t after classifier-free guidance (diffusers order: uncond first)."""
+def guided_output(denoise: Denoiser, scheduler, x: torch.Tensor, t: torch.Tensor, guidance_scale: float,
+                  checkpointed: bool = False):
+    """The denoiser's prediction at x_t after classifier-free guidance (diffusers order: uncond first).
+
+    `checkpointed` recomputes the network call in backward, and only it: schedulers such as Euler
+    read their step index in `scale_model_input`, which has moved on by the time backward runs."""
     guided = uses_guidance(guidance_scale)
-    model_input = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-    out = denoise(model_input, t)
+    model_input = scaled_model_input(scheduler, torch.cat([x, x]) if guided else x, t)
+    if checkpointed:
+        # Keeps only this call's input for backward, so memory no longer grows with K by a whole
+        # network's activations per step.
+        out = checkpoint(denoise, model_input, t, use_reentrant=False)
+    else:
+        out = denoise(model_input, t)
     if not guided:
         return out
     uncond, cond = out.chunk(2)
     return uncond + guidance_scale * (cond - uncond)
+
+
+def scaled_model_input(scheduler, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The scheduler's input scaling (Euler divides by sqrt(sigma^2 + 1)); flow-matching schedulers have none."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return scale(x, t) if scale is not None else x
 
 
 def step_kwargs(scheduler, eta: float, generator) -> dict:
@@ -79,28 +94,32 @@ def sample(
 ) -> Trajectory:
     """Run the sampler from x_T = `latents` to x_0.
 
-    Steps i < N - K run without a graph; the last K keep it, so the gradient reaches the tuned
-    weights through those K denoiser calls and through x_t between them. With `base`, the base
+    N counts the scheduler's model calls (`len(scheduler.timesteps)` once set: `num_steps` for
+    one-call-per-step schedulers). Steps i < N - K run without a graph; the last K keep it, so the
+    gradient reaches the tuned weights through those K denoiser calls and through x_t between them. With `base`, the base
     prediction on the same x_t at each graph step gives the KL. With `weighing`, every step uses
     (1 - w) * base + w * tuned (annealed guidance; inference only). With `lv_samples` = n > 0 the
     whole chain runs without a graph and x_0 is re-noised n times to the last step's level and
     denoised once with the graph (DRaFT-LV); the n results are concatenated along the batch.
     """
-    if not 0 <= truncation_steps <= num_steps:
-        raise ValueError(f"truncation_steps must be in [0, {num_steps}], got {truncation_steps}")
     if weighing is not None and base is None:
         raise ValueError("annealed sampling needs a base denoiser")
     scheduler.set_timesteps(num_steps, device=latents.device)
+    # One entry per model call: PNDM's Runge-Kutta warm-up and second-order schedulers (Heun, DPM-2)
+    # make more calls than num_steps, and K and the weighing index count calls.
     timesteps = scheduler.timesteps
+    calls = len(timesteps)
+    if not 0 <= truncation_steps <= calls:
+        raise ValueError(f"truncation_steps must be in [0, {calls}], got {truncation_steps}")
     extra = step_kwargs(scheduler, eta, generator)
-    graph_from = num_steps if lv_samples else num_steps - truncation_steps
+    graph_from = calls if lv_samples else calls - truncation_steps
     kl_terms: list[torch.Tensor] = []
     graph_calls = 0
 
     def graph_step(x, t):
         nonlocal graph_calls
         graph_calls += 1
-        out = _tuned_output(tuned, scheduler, x, t, guidance_scale, checkpoint_denoiser)
+        out = guided_output(tuned, scheduler, x, t, guidance_scale, checkpointed=checkpoint_denoiser)
         if base is not None:
             with torch.no_grad():
                 out_base = guided_output(base, scheduler, x, t, guidance_scale)
@@ -116,7 +135,7 @@ def sample(
             if weighing is None:
                 out = guided_output(tuned, scheduler, x, t, guidance_scale)
             else:
-                out = annealed_output(tuned, base, weighing(i, num_steps), scheduler, x, t, guidance_scale)
+                out = annealed_output(tuned, base, weighing(i, calls), scheduler, x, t, guidance_scale)
             x = scheduler.step(out, t, x, **extra, return_dict=False)[0]
 
     if lv_samples:
@@ -124,14 +143,6 @@ def sample(
 
     kl = torch.stack(kl_terms).mean() if kl_terms else None
     return Trajectory(latents=x, kl=kl, graph_steps=graph_calls)
-
-
-def _tuned_output(tuned, scheduler, x, t, guidance_scale, checkpoint_denoiser):
-    if not checkpoint_denoiser:
-        return guided_output(tuned, scheduler, x, t, guidance_scale)
-    # Keeps only this step's input for backward and recomputes the network there, so memory no
-    # longer grows with K by a whole network's activations per step.
-    return checkpoint(guided_output, tuned, scheduler, x, t, guidance_scale, use_reentrant=False)
 
 
 def _renoise_and_denoise(x0, t_last, copies, scheduler, generator, graph_step):

@@ -1,11 +1,15 @@
 """Shared plumbing: distributed setup, logging, seeding, run folders, atomic checkpoint IO, grids,
 and the one way a script reports bad input."""
 
+import dataclasses
+import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -28,6 +32,16 @@ def require_at_least_one(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
             raise UsageError(f"{flag(name)} must be at least 1, got {value}")
+
+
+def require_finite(cfg) -> None:
+    """No float field of a config, alone or in a tuple or list, is NaN or infinite: NaN passes no
+    comparison, so a range check alone would let `--guidance-scale nan` through."""
+    for config_field in dataclasses.fields(cfg):
+        value = getattr(cfg, config_field.name)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise UsageError(f"{flag(config_field.name)} must be a finite number, got {value}")
 
 
 def exit_cleanly_on_usage_error(main):
@@ -72,16 +86,21 @@ def cli_with_presets(config_class, presets: dict[str, dict], description: str, a
 
 def init_distributed(device: str = "auto") -> Dist:
     """Same code for `python script.py` (one process) and `torchrun` (env vars set by it)."""
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible to this process; use --device cpu or auto")
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise UsageError(f"LOCAL_RANK {local_rank} has no GPU: {torch.cuda.device_count()} are visible; "
+                             "start at most that many processes per node")
         torch.cuda.set_device(local_rank)
-        return Dist(rank, world_size, local_rank, torch.device("cuda", local_rank))
-    return Dist(rank, world_size, local_rank, torch.device("cpu"))
+    if world_size > 1 and not dist.is_initialized():
+        # NCCL serves only CUDA tensors; gloo beside it serves what stays on the CPU (object gathers).
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo")
+    return Dist(rank, world_size, local_rank, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
 
 
 def shutdown_distributed() -> None:
@@ -94,12 +113,28 @@ def barrier() -> None:
         dist.barrier()
 
 
+def served_device_types() -> set[str]:
+    """The device types the default process group has a backend for ("cpu:gloo,cuda:nccl" serves both;
+    plain NCCL only "cuda")."""
+    return {entry.split(":")[0] for entry in dist.get_backend_config().split(",")}
+
+
+def check_served(tensor: torch.Tensor) -> None:
+    """A tensor on a device the backend does not serve fails deep inside torch.distributed, on the
+    cluster only; say which, at the call."""
+    served = served_device_types()
+    if tensor.device.type not in served:
+        raise RuntimeError(f"a collective got a {tensor.device.type} tensor, but the process group serves "
+                           f"{', '.join(sorted(served))} only: create it on the run's device")
+
+
 def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
     """Average tensors over ranks in place, coalesced into one buffer per dtype."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not dist.is_initialized():
         return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for tensor in tensors:
+        check_served(tensor)
         by_dtype.setdefault(tensor.dtype, []).append(tensor)
     for group in by_dtype.values():
         flat = torch.cat([t.reshape(-1) for t in group])
@@ -154,7 +189,7 @@ def ensure_writable_dir(path: str) -> None:
 
 
 class JsonlLog:
-    """Append-only scalar log, one JSON object per line."""
+    """Append-only scalar log, one JSON object per line, each with its "step"."""
 
     def __init__(self, path: str):
         self.path = path
@@ -162,6 +197,38 @@ class JsonlLog:
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+    def drop_after(self, step: int) -> None:
+        """Forget the records past `step`: a resumed run writes them again, and each step is logged once."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+
+        write_atomic_file(self.path, write)
+
+
+def hold_run_dir(run_dir: str):
+    """An exclusive lock on the run dir for as long as this process lives (the OS releases it when the
+    process ends, even by kill -9, so a resume is never blocked). Returns the open lock file, to keep."""
+    handle = open(os.path.join(run_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UsageError(f"--run-dir {run_dir!r} is in use by a training ({holder}); wait for it to end "
+                         "or use another --run-dir") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    handle.flush()
+    return handle
 
 
 def write_atomic_dir(final_path: str, write_into) -> None:

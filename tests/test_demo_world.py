@@ -20,6 +20,7 @@ import models
 import prompts
 import rewards
 import train
+import training
 import utils
 from conftest import ROOT
 from utils import UsageError
@@ -113,7 +114,7 @@ def test_prompt_sets_are_base_captions_and_the_eval_set_is_held_out():
 
 
 def test_gold_metrics_are_registered_and_refuse_prompts_outside_the_grammar():
-    setup = metrics.MetricSetup(torch.device("cpu"), torch.float32, {}, "")
+    setup = metrics.MetricSetup(torch.device("cpu"), {}, "")
     images = rendered(random_captions(2, seed=4))
     fidelity = metrics.METRICS["gold_fidelity"].load(setup)
     with pytest.raises(UsageError, match="demo-world prompts"):
@@ -189,7 +190,7 @@ def run_script(args: list[str]) -> subprocess.CompletedProcess:
 
 
 def train_demo(run_dir, kl_coeff: float) -> str:
-    run_script(["train.py", "--preset", "demo", "--kl-coeff", str(kl_coeff), "--steps", str(TRAIN_STEPS),
+    run_script(["train.py", "--preset", "demo", "--kl-coeff", str(kl_coeff), "--log-kl", "--steps", str(TRAIN_STEPS),
                 "--save-every", str(TRAIN_STEPS), "--val-every", str(TRAIN_STEPS), "--run-dir", str(run_dir)])
     return str(run_dir)
 
@@ -212,10 +213,10 @@ def final_kl(run_dir: str, last: int = 5) -> float:
 
 
 def test_the_demo_preset_sets_defaults_that_flags_override_and_no_preset_keeps_real_use_defaults():
-    demo = utils.cli_with_presets(train.TrainConfig, train.PRESETS, "", args=["--preset", "demo", "--kl-coeff", "1"])
+    demo = utils.cli_with_presets(training.TrainConfig, train.PRESETS, "", args=["--preset", "demo", "--kl-coeff", "1"])
     assert (demo.model, demo.reward, demo.prompts, demo.resolution) == (SD, "aesthetic", "demo", 32)
     assert demo.reward_source == [f"aesthetic={CLIP}"] and demo.kl_coeff == 1.0
-    assert utils.cli_with_presets(train.TrainConfig, train.PRESETS, "", args=[]) == train.TrainConfig()
+    assert utils.cli_with_presets(training.TrainConfig, train.PRESETS, "", args=[]) == training.TrainConfig()
     evaluation = utils.cli_with_presets(metrics.MetricsConfig, metrics.PRESETS, "", args=["--preset", "demo"])
     assert evaluation.prompt_set == "demo_eval" and "gold_fidelity" in evaluation.metrics
 

@@ -15,7 +15,7 @@ import models
 import sampling
 import tiny_models
 import tiny_rewards
-import train
+import training
 import utils
 from test_anneal import write_lora_checkpoint
 from test_train import FixedBatch
@@ -152,7 +152,7 @@ def train_config(tiny_sdxl, tiny_clip, run_dir, **overrides):
     settings = dict(model=tiny_sdxl, reward_source=[f"pickscore={tiny_clip}"], prompts="animals",
                     inference_steps=6, guidance_scale=3.0, lora_rank=4, lora_alpha=8, batch_size=4, resolution=RES,
                     run_dir=str(run_dir))
-    return train.TrainConfig(**{**settings, **overrides})
+    return training.TrainConfig(**{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def trained(tiny_sdxl, tiny_clip, tmp_path_factory):
     """A trainer after 8 steps on one fixed batch, and that batch's mean reward before and after."""
     cfg = train_config(tiny_sdxl, tiny_clip, tmp_path_factory.mktemp("run"), lr=1e-1, kl_coeff=0.0)
     torch.manual_seed(cfg.seed)  # as train.main does: the LoRA's A matrices are random
-    trainer = train.build(cfg, utils.init_distributed("cpu"))
+    trainer = training.build(cfg, utils.init_distributed("cpu"))
     trainer.stream = FixedBatch(trainer.stream.prompts[:4], cfg.seed)
     batch, seeds = trainer.stream.prompts, [trainer.stream.noise_seed(i) for i in range(4)]
 
@@ -200,7 +200,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_sdxl, tiny_clip, t
     for checkpointing in (False, True):
         cfg = train_config(tiny_sdxl, tiny_clip, tmp_path, batch_size=2, gradient_checkpointing=checkpointing)
         torch.manual_seed(0)  # the same LoRA A matrices in both
-        trainer = train.build(cfg, utils.init_distributed("cpu"))
+        trainer = training.build(cfg, utils.init_distributed("cpu"))
         with torch.no_grad():
             for name, param in trainer.model.unet.named_parameters():
                 if "lora_B" in name:  # a fresh LoRA would leave the KL without a gradient

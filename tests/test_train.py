@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import models
 import sampling
 import tiny_rewards
-import train
+import training
 from conftest import ROOT
 from utils import generators
 
@@ -138,7 +138,7 @@ def test_saved_lora_reproduces_our_images_in_a_stock_pipeline(reference_run, tin
     assert (ours - stock).abs().max() <= 1e-5
 
 
-class FixedBatch(train.PromptStream):
+class FixedBatch(training.PromptStream):
     """Every step sees the same prompts with the same noise, so reward ascent is measurable."""
 
     def prompt(self, position):
@@ -149,10 +149,10 @@ class FixedBatch(train.PromptStream):
 
 
 def test_training_steps_raise_the_reward_of_a_fixed_batch(tiny_sd, tiny_clip, prompt_file, tmp_path):
-    cfg = train.TrainConfig(model=tiny_sd, reward_source=[f"pickscore={tiny_clip}"], prompts=prompt_file,
+    cfg = training.TrainConfig(model=tiny_sd, reward_source=[f"pickscore={tiny_clip}"], prompts=prompt_file,
                             inference_steps=6, guidance_scale=3.0, lora_rank=4, lora_alpha=8, lr=3e-2,
                             batch_size=4, resolution=32, kl_coeff=0.0, run_dir=str(tmp_path))
-    trainer = train.build(cfg, train.utils.init_distributed("cpu"))
+    trainer = training.build(cfg, training.utils.init_distributed("cpu"))
     trainer.stream = FixedBatch(trainer.stream.prompts, cfg.seed)
     batch, seeds = trainer.stream.prompts, [trainer.stream.noise_seed(i) for i in range(4)]
 
@@ -221,4 +221,5 @@ def test_damaged_checkpoint_is_one_line_exit_2_and_writes_nothing(reference_run,
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot resume from" in lines[0] and "step-0000002" in lines[0], result.stderr
-    assert sorted(p.name for p in run_dir.rglob("*")) == ["checkpoints", models.LORA_FILE, "step-0000002"]
+    # .lock is the (released) hold on the run dir, not something written for the run
+    assert sorted(p.name for p in run_dir.rglob("*")) == [".lock", "checkpoints", models.LORA_FILE, "step-0000002"]

@@ -1,0 +1,438 @@
+"""DRaFT+ training: the config, the data order, one optimizer step, checkpoints and resume, and the
+loop that train.py runs (bench.py builds its trainers from here too)."""
+
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+import generation
+import models
+import prompts as prompt_sets
+import rewards
+import utils
+from generation import DeviceOption, RewardSourceOption, SamplerOptions
+from utils import UsageError
+
+# Below this loss scale an fp16 gradient overflows even unscaled: the scaler can no longer help.
+LOSS_SCALE_FLOOR = 1.0
+
+
+@dataclass(kw_only=True)
+class TrainConfig(SamplerOptions, DeviceOption, RewardSourceOption):
+    # a set of defaults: "demo" trains the bundled demo world on a CPU (see train.PRESETS); other flags still override it
+    preset: Literal["none", "demo"] = "none"
+    model: str = models.DEFAULT_MODEL  # diffusers pipeline: hub id or local folder
+    reward: str = "pickscore"  # reward spec: a name, or weighted names such as pickscore:1.0,aesthetic:0.05
+    prompts: str = "animals"  # bundled prompt set name, or a .txt/.json/.jsonl file
+    truncation_steps: int = 1  # K: the last K sampler steps keep the graph (DRaFT-K); K = inference steps is full DRaFT
+    truncation_range: tuple[int, int] | None = None  # LO HI: draw K per trajectory uniformly from [LO, HI], LO >= 1 (AlignProp)
+    lv_samples: int = 0  # n > 0: DRaFT-LV, re-noise x_0 n times and denoise once with the graph
+    kl_coeff: float = 0.1  # weight of the KL penalty: mean squared difference of tuned and base predictions
+    log_kl: bool = False  # compute and log the KL even at --kl-coeff 0 (costs one base-model call per graph step)
+    batch_size: int = 1  # prompts per process per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    warmup_steps: int = 0  # linear learning-rate warm-up steps
+    max_grad_norm: float = 1.0  # gradient clipping threshold (global L2 norm)
+    steps: int = 1000  # optimizer steps in total
+    lora_rank: int = 32  # LoRA rank on the UNet attention projections
+    lora_alpha: float = 32.0  # LoRA alpha (scale = alpha / rank)
+    full_finetune: bool = False  # train every UNet weight instead of LoRA (a frozen copy is the KL base)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # autocast dtype; auto = bf16 on GPU, none on CPU
+    gradient_checkpointing: bool = False  # recompute the UNet, VAE decoder and reward tower in backward to save memory
+    seed: int = 0  # seeds data order, noise and truncation draws; same results on any number of GPUs
+    run_dir: str = "runs/draftp"  # where checkpoints, log.jsonl and validation grids go
+    save_every: int = 100  # checkpoint every this many steps (and at the end)
+    val_every: int = 100  # base-vs-tuned grid of fixed prompts and seeds every this many steps (0: never)
+    val_prompts: int = 4  # prompts in the validation grid
+    log_every: int = 1  # print a status line every this many steps
+    max_bad_steps: int = 5  # stop after this many bad steps in a row (non-finite loss, or fp16 loss scale below 1)
+    wandb: bool = False  # also log to Weights & Biases
+    wandb_project: str = "draftp"  # wandb project name
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Everything that can be checked before loading or writing anything."""
+    utils.require_at_least_one(steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+                               lora_rank=cfg.lora_rank, save_every=cfg.save_every, log_every=cfg.log_every,
+                               max_bad_steps=cfg.max_bad_steps, val_prompts=cfg.val_prompts)
+    generation.validate_shared_options(cfg)
+    for name in ("val_every", "warmup_steps", "lv_samples"):
+        if getattr(cfg, name) < 0:
+            raise UsageError(f"{utils.flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    low, high = cfg.truncation_range or (cfg.truncation_steps, cfg.truncation_steps)
+    if not 0 <= low <= high <= cfg.inference_steps:
+        raise UsageError(f"truncation steps must satisfy 0 <= K <= --inference-steps ({cfg.inference_steps}), got {low}..{high}")
+    if cfg.truncation_range and low < 1:
+        raise UsageError(f"--truncation-range {low} {high}: a draw of K = 0 would train nothing; start at 1")
+    if high == 0 and cfg.lv_samples == 0:
+        raise UsageError("--truncation-steps 0 trains nothing: use K >= 1 or --lv-samples N")
+    if cfg.lv_samples and cfg.truncation_range:
+        raise UsageError("--lv-samples and --truncation-range exclude each other")
+    for name in ("lr", "lora_alpha", "max_grad_norm"):
+        if not getattr(cfg, name) > 0:
+            raise UsageError(f"{utils.flag(name)} must be positive, got {getattr(cfg, name)}")
+    if cfg.kl_coeff < 0 or cfg.weight_decay < 0:
+        raise UsageError("--kl-coeff and --weight-decay must be >= 0")
+    rewards.parse_reward_spec(cfg.reward)
+    prompt_sets.load_prompts(cfg.prompts)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    choice = cfg.mixed_precision
+    if choice == "auto":
+        choice = "bf16" if device.type == "cuda" else "no"
+    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: global sample positions map to prompts and noise seeds independently of the world size
+
+
+class PromptStream:
+    """Sample position p of the whole run -> (prompt, noise seed). Epochs are reshuffled by seed."""
+
+    def __init__(self, prompts: list[str], seed: int):
+        self.prompts = prompts
+        self.seed = seed
+        self._epoch, self._order = -1, []
+
+    def prompt(self, position: int) -> str:
+        epoch, index = divmod(position, len(self.prompts))
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(utils.derive_seed(self.seed, epoch))
+            self._epoch, self._order = epoch, torch.randperm(len(self.prompts), generator=generator).tolist()
+        return self.prompts[self._order[index]]
+
+    def noise_seed(self, position: int) -> int:
+        return utils.derive_seed(self.seed, 1, position)
+
+
+def global_batch(cfg: TrainConfig, world_size: int) -> int:
+    return cfg.batch_size * cfg.grad_accum * world_size
+
+
+def micro_batch_positions(cfg: TrainConfig, step: int, micro: int, dist: utils.Dist) -> range:
+    """The global positions of this rank's micro-batch: a 1-GPU run with grad accumulation covers
+    the same positions, in the same micro-batches, as a multi-GPU run with the same global batch."""
+    start = step * global_batch(cfg, dist.world_size) + (micro * dist.world_size + dist.rank) * cfg.batch_size
+    return range(start, start + cfg.batch_size)
+
+
+def truncation_for(cfg: TrainConfig, first_position: int) -> int:
+    if cfg.truncation_range is None:
+        return 0 if cfg.lv_samples else cfg.truncation_steps
+    chunk = first_position // cfg.batch_size
+    return random.Random(utils.derive_seed(cfg.seed, 2, chunk)).randint(*cfg.truncation_range)
+
+
+# ---------------------------------------------------------------------------------------------
+# One training step
+
+
+@dataclass
+class Trainer:
+    cfg: TrainConfig
+    dist: utils.Dist
+    model: models.DiffusionModel
+    reward: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    stream: PromptStream
+    amp: torch.dtype | None
+
+    def autocast(self):
+        return torch.autocast(self.dist.device.type, dtype=self.amp, enabled=self.amp is not None)
+
+    @property
+    def computes_kl(self) -> bool:
+        return self.cfg.kl_coeff > 0 or self.cfg.log_kl
+
+    def rollout(self, prompts: list[str], seeds: list[int], truncation: int, lv_samples: int = 0, base_only=False):
+        """Sample with the graph on the last `truncation` steps; return images and the KL (None unless
+        it is asked for: the base model's call would cost for nothing)."""
+        cfg = self.cfg
+        settings = generation.SamplerSettings(self.resolution, cfg.inference_steps, cfg.guidance_scale, cfg.eta)
+        # Latents stay fp32 under autocast: the scheduler arithmetic is then that of fp32 sampling.
+        return generation.generate(self.model, prompts, seeds, settings, truncation_steps=truncation,
+                                   with_kl=self.computes_kl and not base_only, base_only=base_only,
+                                   lv_samples=lv_samples, checkpoint_denoiser=cfg.gradient_checkpointing)
+
+    @property
+    def resolution(self) -> int:
+        return self.cfg.resolution or self.model.default_resolution()
+
+    def step(self, step: int) -> dict:
+        """Accumulate gradients over the micro-batches, average over ranks, clip, update."""
+        cfg = self.cfg
+        self.set_lr(step)
+        scores, kls, losses, truncations = [], [], [], []
+        for micro in range(cfg.grad_accum):
+            positions = micro_batch_positions(cfg, step, micro, self.dist)
+            batch_prompts = [self.stream.prompt(p) for p in positions]
+            seeds = [self.stream.noise_seed(p) for p in positions]
+            truncation = truncation_for(cfg, positions[0])
+            with self.autocast():
+                images, kl = self.rollout(batch_prompts, seeds, truncation, cfg.lv_samples)
+                score = self.reward(images, batch_prompts * max(1, cfg.lv_samples))
+            loss = -score.float().mean()
+            if cfg.kl_coeff > 0:
+                loss = loss + cfg.kl_coeff * kl.float()
+            self.scaler.scale(loss / cfg.grad_accum).backward()
+            scores.append(score.detach().float())
+            kls.append(kl.detach().float() if kl is not None else torch.zeros((), device=self.dist.device))
+            losses.append(loss.detach())
+            truncations.append(truncation)
+
+        # On the run's device: NCCL serves CUDA tensors only.
+        summary = torch.stack([torch.stack(losses).mean(), torch.stack(kls).mean()]).to(self.dist.device)
+        params = models.trainable_parameters(self.model)
+        utils.all_reduce_mean_([p.grad for p in params if p.grad is not None] + [summary])
+        loss_value, kl_value = summary.tolist()
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        # With fp16 an overflowing gradient is the scaler calibrating: it skips that update and halves
+        # its scale. Without a scaler, a non-finite gradient has no such reading.
+        applied = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if applied:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        bad = not math.isfinite(loss_value) or (not applied and (scale is None or scale < LOSS_SCALE_FLOOR))
+
+        all_scores = torch.cat([torch.cat(s) for s in utils.gather_objects([s.cpu() for s in scores])])
+        record = {
+            "loss": loss_value,
+            "reward_mean": all_scores.mean().item(),
+            "reward_std": all_scores.std().item() if all_scores.numel() > 1 else 0.0,
+            "kl": kl_value if self.computes_kl else None,
+            "grad_norm": grad_norm,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "truncation_steps": sum(truncations) / len(truncations),
+            "skipped": not applied,
+            "bad": bad,
+        }
+        if scale is not None:
+            record["loss_scale"] = scale
+        return record
+
+    def set_lr(self, step: int) -> None:
+        scale = min(1.0, (step + 1) / self.cfg.warmup_steps) if self.cfg.warmup_steps else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr * scale
+
+    @torch.no_grad()
+    def validation_grid(self, step: int, val_prompts: list[str]):
+        """Base and tuned side by side on the same noise, each captioned with its reward."""
+        seeds = [utils.derive_seed(self.cfg.seed, 3, i) for i in range(len(val_prompts))]
+        with self.autocast():
+            base_images, _ = self.rollout(val_prompts, seeds, 0, base_only=True)
+            tuned_images, _ = self.rollout(val_prompts, seeds, 0)
+            base_scores = self.reward(base_images, val_prompts).float()
+            tuned_scores = self.reward(tuned_images, val_prompts).float()
+        rows = [list(pair) for pair in zip(utils.to_pil(base_images), utils.to_pil(tuned_images))]
+        captions = [[f"base {b:.3g}\n{prompt}", f"tuned {t:.3g}"]
+                    for prompt, b, t in zip(val_prompts, base_scores.tolist(), tuned_scores.tolist())]
+        grid = utils.image_grid(rows, captions, header=["base", f"step {step}"])
+        folder = os.path.join(self.cfg.run_dir, "val")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"step-{step:07d}.png")
+        utils.write_atomic_file(path, lambda tmp: grid.save(tmp, format="PNG"))
+        return {"val_reward_base": base_scores.mean().item(), "val_reward_tuned": tuned_scores.mean().item()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def run_record(cfg: TrainConfig, world_size: int) -> dict:
+    """What a run dir's config.json holds: the resolved config and the world size it ran on."""
+    return {**asdict(cfg), "world_size": world_size}
+
+
+def save_checkpoint(trainer: Trainer, step: int) -> str:
+    """Rank 0 writes the tuned weights, optimizer, RNG and data position, and the config, atomically.
+
+    Every rank's weight fingerprint is recorded too: they must agree, and a mismatch means the
+    ranks drifted apart (non-deterministic kernels, a missed all-reduce)."""
+    fingerprints = utils.gather_objects(weights_fingerprint(trainer.model))
+    folder = utils.checkpoint_dir(trainer.cfg.run_dir, step)
+    if trainer.dist.is_main:
+        def write(tmp):
+            models.save_tuned(trainer.model, tmp)
+            torch.save({"optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(),
+                        "rng": torch.get_rng_state()}, os.path.join(tmp, "trainer_state.pt"))
+            utils.save_json(os.path.join(tmp, "state.json"), {"step": step, "rank_fingerprints": fingerprints})
+            utils.save_json(os.path.join(tmp, "config.json"), run_record(trainer.cfg, trainer.dist.world_size))
+
+        utils.write_atomic_dir(folder, write)
+    utils.barrier()
+    return folder
+
+
+def weights_fingerprint(model: models.DiffusionModel) -> str:
+    """A hash of the exact bytes of the trainable weights."""
+    digest = hashlib.sha256()
+    for param in models.trainable_parameters(model):
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def restore_checkpoint(trainer: Trainer, folder: str) -> int:
+    """Load weights, optimizer, RNG and position; a damaged checkpoint ends in one line."""
+    try:
+        models.load_tuned_into_training(trainer.model, folder)
+        state = torch.load(os.path.join(folder, "trainer_state.pt"), map_location="cpu", weights_only=True)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        with open(os.path.join(folder, "state.json")) as f:
+            return json.load(f)["step"]
+    except UsageError:
+        raise
+    except Exception as error:  # any damage: truncated file, wrong format, missing key
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"cannot resume from {folder!r} ({text}); move it away to resume from an earlier one") from None
+
+
+# Fields a resume may change: they shape neither the weights nor the data order.
+MUTABLE_ON_RESUME = {"steps", "save_every", "val_every", "log_every", "wandb", "wandb_project", "device"}
+
+
+def check_same_run(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """A run dir belongs to one configuration; only --steps (and logging cadence) may change on resume.
+    On another number of processes the global batch is kept, by --grad-accum, or the resume is refused.
+    Runs before anything is loaded, so a mismatch costs no minutes of loading."""
+    path = os.path.join(cfg.run_dir, "config.json")
+    if not os.path.exists(path):
+        return cfg
+    with open(path) as f:
+        previous = json.load(f)
+    previous_world = previous.get("world_size", world_size)
+    free = MUTABLE_ON_RESUME
+    if world_size != previous_world:
+        cfg = keep_global_batch(cfg, previous, previous_world, world_size)
+        free = free | {"grad_accum"}
+    for key, value in asdict(cfg).items():
+        old = previous.get(key)
+        if key not in free and json.loads(json.dumps(value)) != old:
+            raise UsageError(
+                f"--run-dir {cfg.run_dir!r} holds a run with {key}={old!r}, not {value!r}; use another --run-dir"
+            )
+    return cfg
+
+
+def keep_global_batch(cfg: TrainConfig, previous: dict, previous_world: int, world_size: int) -> TrainConfig:
+    batch = previous["batch_size"] * previous["grad_accum"] * previous_world
+    per_micro_batch = cfg.batch_size * world_size
+    if batch % per_micro_batch:
+        raise UsageError(f"--run-dir {cfg.run_dir!r} ran on {previous_world} processes with a global batch of "
+                         f"{batch}, which {world_size} processes x --batch-size {cfg.batch_size} cannot divide; "
+                         f"resume on {previous_world} processes or use another --run-dir")
+    grad_accum = batch // per_micro_batch
+    if grad_accum != cfg.grad_accum:
+        utils.print0(f"resuming a {previous_world}-process run on {world_size}: --grad-accum {grad_accum} "
+                     f"keeps its global batch of {batch}")
+    return replace(cfg, grad_accum=grad_accum)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build(cfg: TrainConfig, dist: utils.Dist) -> Trainer:
+    amp = autocast_dtype(cfg, dist.device)
+    weights_dtype = amp if (amp is not None and not cfg.full_finetune) else torch.float32
+    model = models.load_model(cfg.model, dist.device, weights_dtype, cfg.scheduler)
+    generation.checked_resolution(model, cfg.resolution)
+    if cfg.full_finetune:
+        models.enable_full_finetune(model)
+    else:
+        models.attach_lora(model, cfg.lora_rank, cfg.lora_alpha)
+    if cfg.gradient_checkpointing:
+        model.pipe.vae.enable_gradient_checkpointing()
+    reward = rewards.load_reward(cfg.reward, rewards.parse_reward_sources(cfg.reward_source), dtype=weights_dtype,
+                                 device=dist.device, gradient_checkpointing=cfg.gradient_checkpointing)
+    optimizer = torch.optim.AdamW(models.trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=amp == torch.float16)
+    stream = PromptStream(prompt_sets.load_prompts(cfg.prompts), cfg.seed)
+    return Trainer(cfg, dist, model, reward, optimizer, scaler, stream, amp)
+
+
+def start_wandb(cfg: TrainConfig, start: int):
+    """A wandb run of its own per run dir; a resume rewinds it to the checkpoint's step, so the steps run
+    again replace those logged after it instead of being dropped as already seen."""
+    try:
+        import wandb
+    except ImportError:
+        raise UsageError("--wandb needs the wandb package: pip install wandb") from None
+    run_id = format(utils.derive_seed(*map(ord, os.path.abspath(cfg.run_dir))), "x")
+    common = dict(project=cfg.wandb_project, config=asdict(cfg), dir=cfg.run_dir)
+    if start == 0:
+        return wandb.init(id=run_id, resume="allow", **common)
+    return wandb.init(resume_from=f"{run_id}?_step={start}", **common)
+
+
+def status_line(step: int, total: int, record: dict) -> str:
+    kl = "" if record["kl"] is None else f" kl {record['kl']:.3e}"
+    return (f"step {step}/{total} loss {record['loss']:.4f} reward {record['reward_mean']:.4f}"
+            f"±{record['reward_std']:.3f}{kl} |g| {record['grad_norm']:.3f} "
+            f"{record['sec_per_step']:.2f}s/step {record['images_per_s']:.2f} img/s")
+
+
+class Diverged(Exception):
+    pass
+
+
+def spread(items: list, count: int) -> list:
+    """`count` items evenly spread over the list (a sorted prompt set's head would be all alike)."""
+    return [items[i * len(items) // count] for i in range(min(count, len(items)))]
+
+
+def run_steps(trainer: Trainer, start: int, log: utils.JsonlLog, run, val_prompts: list[str]) -> str | None:
+    """Steps `start` .. cfg.steps with logging, validation grids and checkpoints; raises Diverged.
+    Returns the last checkpoint written."""
+    cfg, dist = trainer.cfg, trainer.dist
+    bad_streak, saved = 0, None
+    bar = tqdm(total=cfg.steps, initial=start, disable=not dist.is_main, desc="train", dynamic_ncols=True)
+    for step in range(start, cfg.steps):
+        done = step + 1
+        timer = utils.Timer()
+        if dist.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dist.device)
+        record = trainer.step(step)
+        seconds = timer.seconds()
+        record.update(step=done, sec_per_step=seconds, images_per_s=global_batch(cfg, dist.world_size) / seconds,
+                      peak_mem_mb=utils.peak_memory_mb(dist.device))
+        bad_streak = bad_streak + 1 if record["bad"] else 0
+        if record["bad"]:
+            bar.write(f"warning: non-finite loss or gradient at step {done}; optimizer step skipped", file=sys.stderr)
+            if bad_streak >= cfg.max_bad_steps:
+                bar.close()
+                raise Diverged(f"{bad_streak} bad steps in a row at step {done}")
+        if cfg.val_every and (done % cfg.val_every == 0 or done == cfg.steps):
+            if dist.is_main:
+                record.update(trainer.validation_grid(done, val_prompts))
+            utils.barrier()
+        if dist.is_main:
+            log.write(record)
+            if run is not None:
+                run.log(record, step=done)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                bar.write(status_line(done, cfg.steps, record))
+        bar.update(1)
+        # Inside a run of bad steps nothing is saved, so the newest checkpoint stays a good one; the
+        # last step is always saved (a bad step changed no weight).
+        if done == cfg.steps or (bad_streak == 0 and done % cfg.save_every == 0):
+            saved = save_checkpoint(trainer, done)
+    bar.close()
+    return saved
