@@ -5,13 +5,18 @@ import contextlib
 import copy
 import json
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 
+import utils
 from utils import UsageError
+
+# diffusers still passes this argument to huggingface_hub, which warns on every hub lookup.
+warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -48,11 +53,20 @@ class DiffusionModel:
         return (batch, self.unet.config.in_channels, side, side)
 
 
+def cache_only(model: str) -> bool:
+    """A hub id, with the hub out of reach: only the local cache can serve it."""
+    return not os.path.isdir(model) and not utils.hub_reachable()
+
+
 def detect_family(model: str) -> str:
     """The family from the pipeline folder's model_index.json; a hub id is looked up the same way."""
     try:
-        class_name = DiffusionPipeline.load_config(model)["_class_name"]
+        class_name = DiffusionPipeline.load_config(model, local_files_only=cache_only(model))["_class_name"]
     except Exception as error:  # hub, network and file errors alike end in one line
+        if cache_only(model):
+            raise UsageError(f"cannot load model {model!r}: the Hugging Face hub is unreachable from here and "
+                             "the model is not in the local cache; give a diffusers pipeline folder with --model PATH"
+                             ) from None
         raise UsageError(
             f"cannot load model {model!r} ({_first_line(error)}); give a diffusers pipeline folder "
             "with --model PATH, or a hub id that is cached or reachable"
@@ -67,7 +81,8 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.floa
     family = detect_family(model)
     quiet_loading()
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, **LOAD_KWARGS[family])
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, local_files_only=cache_only(model),
+                                                 **LOAD_KWARGS[family])
     except Exception as error:
         raise UsageError(f"cannot load model {model!r}: {_first_line(error)}") from None
     if scheduler == "ddim":
@@ -259,8 +274,6 @@ def load_checkpoint_for_inference(model: DiffusionModel, checkpoint: str) -> Non
     Weights made for another base model are refused in one line: diffusers would only warn about
     LoRA layers the model lacks, and a full UNet of another shape would load on its own.
     """
-    import warnings
-
     from diffusers.utils import logging as diffusers_logging
     from peft.utils import get_peft_model_state_dict
 

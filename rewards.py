@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import utils
 from utils import UsageError
 
 REWARD_NAMES = ("pickscore", "hpsv2", "hpsv21", "aesthetic", "clip_l14", "clip_h14")
@@ -177,6 +178,11 @@ def _hub_errors_as_usage_errors(name: str, source: str):
         raise _cannot_load(name, source, reason) from error
 
 
+def _cache_only(source: str) -> bool:
+    """A hub id with the hub out of reach: load from the local cache at once instead of retrying."""
+    return not os.path.exists(source) and not utils.hub_reachable()
+
+
 def _check_local(name: str, source: str) -> str:
     """Expand '~'; a source spelled as a path must exist (hub ids never start with '/', '.' or '~')."""
     path = os.path.expanduser(source)
@@ -196,7 +202,7 @@ def _fetch_file(name: str, source: str) -> str:
     from huggingface_hub import hf_hub_download
 
     with _hub_errors_as_usage_errors(name, source):
-        return hf_hub_download(f"{repo_owner}/{repo_name}", filename)
+        return hf_hub_download(f"{repo_owner}/{repo_name}", filename, local_files_only=not utils.hub_reachable())
 
 
 # ---- preprocessing in torch -----------------------------------------------------------------------
@@ -278,9 +284,9 @@ def _load_clip(name: str, source: str, dtype, gradient_checkpointing: bool):
     has_processor = os.path.isfile(os.path.join(path, "preprocessor_config.json"))
     processor_source = path if has_processor else PROCESSOR_IDS[name]
     with _hub_errors_as_usage_errors(name, source):
-        model = CLIPModel.from_pretrained(path, dtype=dtype)
+        model = CLIPModel.from_pretrained(path, dtype=dtype, local_files_only=_cache_only(path))
     with _hub_errors_as_usage_errors(name, processor_source):
-        processor = CLIPProcessor.from_pretrained(processor_source)
+        processor = CLIPProcessor.from_pretrained(processor_source, local_files_only=_cache_only(processor_source))
     if gradient_checkpointing:
         _checkpoint_each(model.vision_model.encoder.layers)
     return model, processor

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from PIL import Image
 import anneal
 import generation
 import models
+import rewards
 import sampling
 import tiny_rewards
 import utils
@@ -330,3 +332,28 @@ def test_unwritable_output_folder_exits_2_with_one_line(checkpoint, tmp_path, ca
     assert code == 2
     assert err.startswith(f"error: cannot create folder '{blocker / 'out'}'") and err.count("\n") == 1, err
     assert os.listdir(tmp_path) == ["a_file"]
+
+
+def test_each_rank_grids_and_measures_its_own_prompts_from_its_own_images(single_run, checkpoint, tiny_clip, tmp_path):
+    """Nodes need not share a filesystem: each rank's out folder stands for one node's disk, and
+    together the two reproduce the one-process figures."""
+    out, args, _ = single_run
+    cfg = tyro.cli(anneal.AnnealConfig, args=args)
+    model, resolution = generation.load_for_inference(None, checkpoint, CPU, torch.float32, "ddim", RES)
+    cfg = replace(cfg, resolution=resolution)
+    reward = rewards.load_reward("pickscore", {"pickscore": tiny_clip}, device=CPU)
+    weighings, all_prompts = anneal.weighing_names(cfg), anneal.chosen_prompts(cfg)
+    records, diversities = [], {}
+    for rank in (0, 1):
+        node = replace(cfg, out=str(tmp_path / f"node{rank}"))
+        mine, measured = anneal.render_and_score_share(node, model, reward, weighings, all_prompts,
+                                                       utils.Dist(rank, 2, rank, CPU))
+        records += mine
+        diversities.update(measured)
+        prompts_here = {rec["prompt_index"] for rec in mine}
+        assert files_under(tmp_path / f"node{rank}" / "grids") == [f"grid_{p:05d}.png" for p in sorted(prompts_here)]
+    assert len(records) == 12 and len(diversities) == len(weighings) * len(all_prompts)
+    rows = anneal.summarize(cfg, weighings, records, diversities, len(all_prompts))
+    expected = json.loads((out / "tradeoff.json").read_text())["weighings"]
+    for row, reference in zip(rows, expected):
+        assert row == pytest.approx(reference, abs=1e-6)

@@ -20,6 +20,7 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPModel
 
 import anneal
+import generation
 import metrics
 import rewards
 import tiny_rewards
@@ -301,3 +302,25 @@ def test_bad_input_on_the_command_line_has_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: unknown metric 'nope'; valid: {', '.join(metrics.METRICS)}"]
     assert not out.parent.exists()
+
+
+def test_bf16_generation_is_scored_in_fp32(checkpoint, sources, prompt_file, tmp_path):
+    """bf16 CLIP would quantise the scores: the images may come from a bf16 model, their scores may not."""
+    paths, _ = sources
+    out = tmp_path / "bf16.json"
+    args = ["--checkpoint", checkpoint, "--metrics", "pickscore", "--reward-source", f"pickscore={paths['pickscore']}",
+            "--prompt-set", prompt_file, "--num-repeats", "2", "--dtype", "bfloat16", "--device", "cpu",
+            "--out", str(out), *flags(**SAMPLER)]
+    metrics.main(tyro.cli(metrics.MetricsConfig, args=args))
+    rows = json.loads(out.read_text())["results"]["draft"]["per_prompt"]
+
+    model, _ = generation.load_for_inference(None, checkpoint, torch.device("cpu"), torch.bfloat16, "ddim", 32)
+    reward = rewards.load_reward("pickscore", {"pickscore": paths["pickscore"]})  # float32
+    settings = generation.SamplerSettings(32, SAMPLER["inference_steps"], SAMPLER["guidance_scale"])
+    texts = dict(enumerate(PROMPTS))
+    jobs = [(p, r) for p in range(3) for r in range(2)]
+    with torch.no_grad():  # in metrics.py's batches of 3: bf16 sums depend on the batch
+        images = torch.cat([metrics.as_saved(generation.render_jobs(model, texts, jobs[i : i + 3], settings, seed=0,
+                                                                    weighing="draft")) for i in (0, 3)])
+        expected = reward(images, [texts[p] for p, _ in jobs]).view(3, 2).double().mean(1)
+    assert [row["pickscore"] for row in rows] == pytest.approx(expected.tolist(), abs=1e-5)
