@@ -139,10 +139,14 @@ def load_dreamsim(setup: MetricSetup) -> PerImage:
             f"(it fetches {dreamsim_weights['ensemble']} and the DINO ViT-B/16 of torch.hub into that folder), "
             "or copy such a folder here and pass --dreamsim-cache FOLDER"
         ) from None
+    return dreamsim_embedder(model, preprocess, setup.device)
 
+
+def dreamsim_embedder(model: torch.nn.Module, preprocess: Callable, device: torch.device) -> PerImage:
+    """Images [B,3,H,W] in [0,1] -> embeddings [B, D] through a model and preprocess of the dreamsim package."""
     def embed(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         # The package's own PIL preprocessing (bicubic resize to 224), as its published numbers used.
-        pixels = torch.cat([preprocess(image) for image in utils.to_pil(images)]).to(setup.device)
+        pixels = torch.cat([preprocess(image) for image in utils.to_pil(images)]).to(device)
         return model.embed(pixels).float().cpu()
 
     return embed
