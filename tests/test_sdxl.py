@@ -58,7 +58,8 @@ def tiny_clip(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_checkpoint(tiny_sdxl, tmp_path_factory):
-    return write_lora_checkpoint(str(tmp_path_factory.mktemp("lora")), tiny_sdxl)
+    # B ~ N(0, 1): the tuned model's effect on images and scores is large by construction, not by luck
+    return write_lora_checkpoint(str(tmp_path_factory.mktemp("lora")), tiny_sdxl, perturb=1.0)
 
 
 def stock_pipeline(path, scheduler, lora=None, unet=None):
@@ -263,4 +264,4 @@ def test_metrics_score_base_and_tuned_sdxl_images(lora_checkpoint, tiny_clip, tm
     results = report["results"]
     assert [row["prompt"] for row in results["draft"]["per_prompt"]] == PROMPTS
     base, draft = (results[w]["metrics"]["pickscore"]["mean"] for w in ("base", "draft"))
-    assert abs(base - draft) > 1e-3  # the checkpoint is evaluated, not the base model twice
+    assert abs(base - draft) > 0.05  # the checkpoint is evaluated, not the base model twice
