@@ -605,6 +605,11 @@ VLM_IMAGE_SIZE = 504
 VLM_ANSWERS = ("Yes", "No")
 
 
+def resize_for_qwen_vl(images: torch.Tensor) -> torch.Tensor:
+    """FDFO's resize: any size to 504 x 504, bilinear, in float32."""
+    return F.interpolate(images.float(), size=(VLM_IMAGE_SIZE,) * 2, mode="bilinear", align_corners=False)
+
+
 def qwen_vl_pixel_values(images: torch.Tensor, image_processor) -> torch.Tensor:
     """Qwen2VLImageProcessor's `pixel_values` for float images [B, 3, 504, 504] in [0, 1], in torch:
     mean/std, then its patch layout, [B * grid * grid, C * frames * patch * patch]."""
@@ -631,7 +636,7 @@ class QwenJudge(nn.Module):
         self.answer_ids = list(answer_ids)
 
     def forward(self, images: torch.Tensor, questions: list[str]) -> torch.Tensor:
-        resized = F.interpolate(images.float(), size=(VLM_IMAGE_SIZE,) * 2, mode="bilinear", align_corners=False)
+        resized = resize_for_qwen_vl(images)
         with torch.no_grad():
             # FDFO's processor call: its token ids, masks and image grid; its pixel values carry no graph, so
             # ours replace them.
