@@ -467,9 +467,6 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BLIP_HEAD_WIDTH = 64  # BLIP's ViT-B (768 wide, 12 heads) and ViT-L (1024, 16) both use 64-wide heads
 BLIP_VISION_PREFIX, BLIP_TEXT_PREFIX, HEAD_PREFIX = "blip.visual_encoder.", "blip.text_encoder.", "mlp."
-# Weights in ImageReward.pt that its score never uses (BLIP's contrastive projections) or that are not
-# weights (med.py's persistent position-id buffer).
-IMAGEREWARD_UNUSED = ("blip.vision_proj.", "blip.text_proj.", "blip.text_encoder.embeddings.position_ids")
 
 
 class ImageRewardScore(nn.Module):
@@ -513,18 +510,25 @@ def _imagereward_files(name: str, source: str) -> tuple[str, str, str]:
 
 
 def _split_imagereward_weights(name: str, source: str, state_dict: dict) -> tuple[dict, dict, dict]:
-    """The ViT, BERT and MLP weights of ImageReward.pt under their module names; anything else is refused."""
-    parts = {prefix: {} for prefix in (BLIP_VISION_PREFIX, BLIP_TEXT_PREFIX, HEAD_PREFIX)}
-    for key, value in state_dict.items():
-        if key.startswith(IMAGEREWARD_UNUSED):
-            continue
-        prefix = next((prefix for prefix in parts if key.startswith(prefix)), None)
-        if prefix is None:
-            raise _cannot_load(name, source, f"unexpected weight {key!r}, not an ImageReward checkpoint")
-        parts[prefix][key.removeprefix(prefix)] = value
-    if not all(parts.values()):
+    """The ViT, BERT and MLP weights of ImageReward.pt by module. Like the package's non-strict load, other
+    entries (BLIP's contrastive projections) go unused."""
+    vision, text, head = ({key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
+                          for prefix in (BLIP_VISION_PREFIX, BLIP_TEXT_PREFIX, HEAD_PREFIX))
+    if not (vision and text and head):
         raise _cannot_load(name, source, "no blip.visual_encoder / blip.text_encoder / mlp weights")
-    return parts[BLIP_VISION_PREFIX], parts[BLIP_TEXT_PREFIX], parts[HEAD_PREFIX]
+    text.pop("embeddings.position_ids", None)  # med.py's persistent buffer; BlipTextModel makes its own
+    return vision, text, head
+
+
+def _load_weights(module: nn.Module, weights: dict, name: str, source: str) -> None:
+    """Every weight of the module from the checkpoint, and nothing the module lacks."""
+    try:
+        result = module.load_state_dict(weights, strict=False)
+    except RuntimeError as error:  # a shape mismatch, named on the last line of torch's message
+        raise _cannot_load(name, source, f"its weights do not fit: {str(error).splitlines()[-1].strip()}") from None
+    if result.missing_keys or result.unexpected_keys:
+        problem = f"lacks {result.missing_keys[0]!r}" if result.missing_keys else f"has {result.unexpected_keys[0]!r}"
+        raise _cannot_load(name, source, f"the checkpoint {problem}, not ImageReward's layout")
 
 
 def _blip_vit(weights: dict) -> nn.Module:
@@ -540,11 +544,10 @@ def _blip_vit(weights: dict) -> nn.Module:
                             num_heads=width // BLIP_HEAD_WIDTH, mlp_ratio=weights["blocks.0.mlp.fc1.weight"].shape[0] / width,
                             qkv_bias=True, class_token=True, global_pool="", num_classes=0,
                             norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))
-    vit.load_state_dict(weights)
     return vit
 
 
-def _blip_text_encoder(med_config_file: str, weights: dict, encoder_width: int, tokenizer) -> nn.Module:
+def _blip_text_encoder(med_config_file: str, encoder_width: int, tokenizer) -> nn.Module:
     """BLIP's med.py BertModel is transformers' BlipTextModel (same parameter names), configured from
     med_config.json; as BLIP_Pretrain does, the cross-attention width is the ViT's, not the file's."""
     from transformers import BlipTextConfig, BlipTextModel
@@ -561,9 +564,7 @@ def _blip_text_encoder(med_config_file: str, weights: dict, encoder_width: int, 
         # config; it attends bidirectionally all the same, since forward is called with is_decoder=False.
         is_decoder=med["add_cross_attention"],
     )
-    text_encoder = BlipTextModel(config, add_pooling_layer=False)
-    text_encoder.load_state_dict(weights)
-    return text_encoder
+    return BlipTextModel(config, add_pooling_layer=False)
 
 
 def _blip_tokenizer(name: str, source: str):
@@ -581,10 +582,14 @@ def _load_imagereward(name: str, source: str, dtype, gradient_checkpointing: boo
     state_dict = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
     vision_weights, text_weights, head_weights = _split_imagereward_weights(name, source, state_dict)
     tokenizer = _blip_tokenizer(name, tokenizer_source)
-    visual = _blip_vit(vision_weights)
-    text_encoder = _blip_text_encoder(med_config_file, text_weights, visual.embed_dim, tokenizer)
-    mlp = AestheticMLP(head_weights["layers.0.weight"].shape[1])
-    mlp.load_state_dict(head_weights)
+    try:
+        visual = _blip_vit(vision_weights)
+        text_encoder = _blip_text_encoder(med_config_file, visual.embed_dim, tokenizer)
+        mlp = AestheticMLP(head_weights["layers.0.weight"].shape[1])
+    except KeyError as error:
+        raise _cannot_load(name, source, f"no {error} in the checkpoint or med_config.json") from None
+    for module, weights in ((visual, vision_weights), (text_encoder, text_weights), (mlp, head_weights)):
+        _load_weights(module, weights, name, source)
     if gradient_checkpointing:
         visual.set_grad_checkpointing(True)
         _checkpoint_each(text_encoder.encoder.layer)
@@ -644,15 +649,18 @@ class QwenJudge(nn.Module):
                                     padding=True, images_kwargs={"do_rescale": False, "do_resize": False},
                                     return_tensors="pt").to(images.device)
         pixel_values = qwen_vl_pixel_values(resized, self.processor.image_processor).to(self.model.dtype)
-        # Left padding puts every row's last token at the end. Only the Yes and No rows of the output
-        # projection are needed, in float32: bf16 logits near 20 are 0.125 apart, up to 3 points of score.
-        hidden = self.model.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
-                                  mm_token_type_ids=inputs.mm_token_type_ids, pixel_values=pixel_values,
-                                  image_grid_thw=inputs.image_grid_thw, use_cache=False).last_hidden_state[:, -1]
+        # Left padding puts every row's last token at the end.
+        hidden = self.model.model(**{**inputs, "pixel_values": pixel_values}, use_cache=False).last_hidden_state[:, -1]
+        return torch.sigmoid(self._yes_minus_no(hidden)) * 100
+
+    def _yes_minus_no(self, hidden: torch.Tensor) -> torch.Tensor:
+        """logit[Yes] - logit[No] from the Yes and No rows of the output projection alone, in float32 even
+        under autocast: bf16 logits between 16 and 32 are 0.125 apart, up to 3 points of score."""
         head = self.model.get_output_embeddings()
         bias = None if head.bias is None else head.bias[self.answer_ids].float()
-        yes, no = F.linear(hidden.float(), head.weight[self.answer_ids].float(), bias).unbind(-1)
-        return torch.sigmoid(yes - no) * 100
+        with torch.autocast(hidden.device.type, enabled=False):
+            yes, no = F.linear(hidden.float(), head.weight[self.answer_ids].float(), bias).unbind(-1)
+        return yes - no
 
 
 class VLMScore(nn.Module):

@@ -428,12 +428,13 @@ def test_imagereward_folder_without_its_files_is_a_usage_error(tmp_path, clip_fo
         rewards.load_reward("imagereward", sources={"imagereward": clip_folder})
 
 
-def test_foreign_weights_are_not_taken_for_an_imagereward_checkpoint(tmp_path, imagereward):
-    folder = tmp_path / "foreign"
+def test_imagereward_checkpoint_lacking_a_weight_is_a_usage_error(tmp_path, imagereward):
+    folder = tmp_path / "damaged"
     shutil.copytree(imagereward[0], folder)
     state_dict = torch.load(folder / rewards.IMAGEREWARD_FILE, weights_only=True)
-    torch.save({**state_dict, "blip.itm_head.weight": torch.zeros(2, 32)}, folder / rewards.IMAGEREWARD_FILE)
-    with pytest.raises(UsageError, match=r"'blip\.itm_head\.weight'.*--reward-source imagereward="):
+    del state_dict["blip.text_encoder.encoder.layer.1.crossattention.self.key.weight"]
+    torch.save(state_dict, folder / rewards.IMAGEREWARD_FILE)
+    with pytest.raises(UsageError, match=r"crossattention\.self\.key\.weight.*--reward-source imagereward="):
         rewards.load_reward("imagereward", sources={"imagereward": str(folder)})
 
 
