@@ -284,7 +284,10 @@ def test_imagereward_score_matches_the_packages_formula(load_tiny, imagereward, 
 @pytest.mark.parametrize("spec", ["pickscore", "hpsv2", "aesthetic", "imagereward",
                                   "pickscore:1.0,hpsv21:2.0,aesthetic:0.05,imagereward:0.5"])
 def test_gradients_reach_images_but_not_reward_parameters(load_tiny, spec):
-    reward = load_tiny(spec)
+    assert_gradients_reach_images_only(load_tiny(spec))
+
+
+def assert_gradients_reach_images_only(reward):
     images = as_float(smooth_uint8_images(2, 48, 40, seed=4)).requires_grad_(True)
     reward(images, PROMPTS[:2]).sum().backward()
     assert torch.isfinite(images.grad).all()
@@ -349,7 +352,10 @@ def test_gradient_checkpointing_recomputes_vision_layers_and_keeps_gradients(loa
 
 @pytest.mark.parametrize("name", ["pickscore", "hpsv2", "aesthetic", "imagereward"])
 def test_model_dtype_follows_argument_and_scores_stay_float32(load_tiny, name):
-    reward = load_tiny(name, dtype=torch.bfloat16)
+    assert_bfloat16_weights_give_float32_scores_and_gradients(load_tiny(name, dtype=torch.bfloat16))
+
+
+def assert_bfloat16_weights_give_float32_scores_and_gradients(reward):
     assert {p.dtype for p in reward.parameters()} == {torch.bfloat16}
     images = as_float(smooth_uint8_images(2, 32, 32, seed=7)).requires_grad_(True)
     scores = reward(images, PROMPTS[:2])

@@ -20,7 +20,8 @@ from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, Qwen
 import rewards
 import tiny_rewards
 from conftest import ROOT
-from test_rewards import as_float, as_pil, count_calls, smooth_uint8_images
+from test_rewards import (as_float, as_pil, assert_bfloat16_weights_give_float32_scores_and_gradients,
+                          assert_gradients_reach_images_only, count_calls, smooth_uint8_images)
 
 # FDFO's wording, copied here from its files rather than from rewards.py, so that a change of ours to the
 # questions or the chat format fails (NVlabs/finite-difference-flow-optimization: eval/calculate_metrics.py
@@ -53,12 +54,7 @@ PIXEL_TOLERANCE = 2e-6
 SCORE_TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -155,10 +151,7 @@ def test_the_alignment_question_carries_the_prompt(judge_folder):
 
 def test_gradients_reach_images_but_not_judge_parameters(judge_folder):
     reward = load_judge(judge_folder, "vlm_alignment:1.0,vlm_photo:0.5")
-    images = as_float(smooth_uint8_images(2, 48, 40, seed=14)).requires_grad_(True)
-    reward(images, PROMPTS[:2]).sum().backward()
-    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
-    assert all(not p.requires_grad and p.grad is None for p in reward.parameters())
+    assert_gradients_reach_images_only(reward)
     reward.train()
     assert not any(module.training for module in reward.modules())
 
@@ -187,13 +180,7 @@ def test_gradient_checkpointing_recomputes_both_towers_and_keeps_gradients(judge
 
 
 def test_bfloat16_judge_scores_in_float32_with_gradients(judge_folder):
-    reward = load_judge(judge_folder, "vlm_photo", dtype=torch.bfloat16)
-    assert {p.dtype for p in reward.parameters()} == {torch.bfloat16}
-    images = as_float(smooth_uint8_images(2, 32, 32, seed=16)).requires_grad_(True)
-    scores = reward(images, PROMPTS[:2])
-    scores.sum().backward()
-    assert scores.dtype == torch.float32
-    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    assert_bfloat16_weights_give_float32_scores_and_gradients(load_judge(judge_folder, "vlm_photo", dtype=torch.bfloat16))
 
 
 # ---- DRaFT+ with the judge as reward --------------------------------------------------------------
