@@ -520,7 +520,7 @@ def _split_imagereward_weights(name: str, source: str, state_dict: dict) -> tupl
     return vision, text, head
 
 
-def _load_weights(module: nn.Module, weights: dict, name: str, source: str) -> None:
+def _load_imagereward_weights(module: nn.Module, weights: dict, name: str, source: str) -> None:
     """Every weight of the module from the checkpoint, and nothing the module lacks."""
     try:
         result = module.load_state_dict(weights, strict=False)
@@ -589,7 +589,7 @@ def _load_imagereward(name: str, source: str, dtype, gradient_checkpointing: boo
     except KeyError as error:
         raise _cannot_load(name, source, f"no {error} in the checkpoint or med_config.json") from None
     for module, weights in ((visual, vision_weights), (text_encoder, text_weights), (mlp, head_weights)):
-        _load_weights(module, weights, name, source)
+        _load_imagereward_weights(module, weights, name, source)
     if gradient_checkpointing:
         visual.set_grad_checkpointing(True)
         _checkpoint_each(text_encoder.encoder.layer)
