@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -48,8 +49,11 @@ def sources(tmp_path_factory):
     clip = tiny_rewards.make_tiny_clip(str(tmp_path_factory.mktemp("clip")))
     aesthetic = tiny_rewards.make_tiny_aesthetic(str(tmp_path_factory.mktemp("aesthetic")))
     hps_path, hps_arch = tiny_rewards.make_tiny_hps(str(tmp_path_factory.mktemp("hps") / "HPS_v2_compressed.pt"))
+    imagereward, _ = tiny_rewards.make_tiny_imagereward(str(tmp_path_factory.mktemp("imagereward")))
+    judge = tiny_rewards.make_tiny_qwen_vl(str(tmp_path_factory.mktemp("qwen_vl")))
     paths = {"pickscore": clip, "clip_l14": clip, "clip_h14": clip, "aesthetic": aesthetic,
-             "hpsv2": hps_path, "hpsv21": hps_path}
+             "hpsv2": hps_path, "hpsv21": hps_path, "imagereward": imagereward,
+             **dict.fromkeys(rewards.VLM_QUESTIONS, judge)}
     return paths, hps_arch
 
 
@@ -104,6 +108,8 @@ def test_smoke_run_writes_resolved_config_per_prompt_values_and_statistics(smoke
     assert config["weighing"] == ["base", "draft"] and config["metrics"] == ["pickscore", "aesthetic"]
     assert (config["num_prompts"], config["resolution"], config["dtype"]) == (3, 32, "float32")
     assert list(output["results"]) == ["base", "draft"]
+    conventions = output["statistics"]["conventions"]
+    assert list(conventions) == ["pickscore", "aesthetic"] and {c["scale"] for c in conventions.values()} == {1.0}
 
     for set_name, result in output["results"].items():
         rows = result["per_prompt"]
@@ -117,6 +123,7 @@ def test_smoke_run_writes_resolved_config_per_prompt_values_and_statistics(smoke
             assert summary["std"] == pytest.approx(statistics.stdev(values), rel=1e-12)
             half_width = 4.302653 * summary["std"] / math.sqrt(3)  # Student t, 2 degrees of freedom, 97.5%
             assert summary["ci95"] == pytest.approx([summary["mean"] - half_width, summary["mean"] + half_width])
+            assert summary["raw"] == {key: summary[key] for key in ("mean", "std", "ci95")}  # scale 1
         row = f"| {set_name} | 3 | {result['metrics']['pickscore']['mean']:.4f} ± "
         assert row in stdout
 
@@ -183,11 +190,38 @@ def test_every_reward_metric_is_that_reward_averaged_over_a_prompts_images(annea
     paths, hps_arch = sources
     for name in names:
         reward = rewards.load_reward(name, {name: paths[name]}, hps_arch=hps_arch)
+        scale = metrics.METRICS[name].scale  # hpsv2 and hpsv21 are written as 100 x the reward
         for row in rows:
             images = folder_images(folder, row["prompt_index"])
             with torch.no_grad():
                 expected = reward(images, [row["prompt"]] * len(images)).double().mean().item()
-            assert row[name] == pytest.approx(expected, abs=1e-5), name
+            assert row[name] == pytest.approx(scale * expected, abs=1e-5 * scale), name
+        assert scored["statistics"]["conventions"][name]["scale"] == scale
+
+
+def test_hpsv2_is_written_as_100_times_the_cosine_of_raw_embeddings(anneal_folder, sources, tmp_path):
+    # From open_clip's own model and transform, as HPSv2's scorer computes it, then the benchmark's x 100.
+    paths, hps_arch = sources
+    model, _, transform = open_clip.create_model_and_transforms(hps_arch, pretrained=paths["hpsv2"],
+                                                                image_resize_mode="longest")
+    tokenizer = open_clip.get_tokenizer(hps_arch)
+    folder = anneal_folder / "base"
+    scored = score_folder(folder, ["hpsv2"], sources, tmp_path / "hps.json", batch_size=3)
+    result = scored["results"]["base"]
+    expected = []
+    for row in result["per_prompt"]:
+        paths_of_prompt = sorted(folder.glob(f"img_{row['prompt_index']:05d}_*.png"))
+        with torch.no_grad():
+            image_embeddings = model.eval().encode_image(
+                torch.stack([transform(Image.open(path)) for path in paths_of_prompt]), normalize=True)
+            text_embeddings = model.encode_text(tokenizer([row["prompt"]]), normalize=True)
+        expected.append(100 * (image_embeddings @ text_embeddings.T).mean().item())
+    assert [row["hpsv2"] for row in result["per_prompt"]] == pytest.approx(expected, abs=1e-3)
+    summary = result["metrics"]["hpsv2"]
+    assert summary["mean"] == pytest.approx(statistics.mean(expected), abs=1e-3)
+    assert summary["raw"]["mean"] == pytest.approx(summary["mean"] / 100, rel=1e-12)
+    assert summary["raw"]["ci95"] == pytest.approx([bound / 100 for bound in summary["ci95"]], rel=1e-12)
+    assert "100 x cosine" in scored["statistics"]["conventions"]["hpsv2"]["convention"]
 
 
 def clip_image_embeddings(clip_folder: str, images: torch.Tensor) -> torch.Tensor:
@@ -214,19 +248,37 @@ def test_diversity_is_the_mean_pairwise_cosine_distance_of_real_embeddings(annea
     assert metrics.mean_pairwise_cosine_distance(embeddings * 7.0) == pytest.approx(diversity, rel=1e-6)
 
 
+def fdfo_dreamsim_diversity(embeddings: torch.Tensor) -> float:
+    """FDFO's per-prompt diversity (eval/calculate_metrics.py): the mean over pairs i < j of
+    (emb_i - emb_j).square().sum() of the embeddings as the model returns them."""
+    values = [(embeddings[i] - embeddings[j]).square().sum() for i in range(len(embeddings) - 1)
+              for j in range(i + 1, len(embeddings))]
+    return torch.stack(values).mean().item()
+
+
+def unit_clip_embeddings(clip_folder: str, images: torch.Tensor) -> torch.Tensor:
+    """Tiny-CLIP embeddings made unit vectors, as DreamSim's embed returns its own."""
+    return F.normalize(clip_image_embeddings(clip_folder, images), dim=-1)
+
+
 def test_diversity_per_prompt_then_averaged_over_prompts(anneal_folder, sources, tmp_path, monkeypatch):
-    """A diversity metric on tiny-CLIP embeddings goes through the very path of dreamsim_diversity."""
+    """A diversity metric on unit tiny-CLIP embeddings goes through the very path of dreamsim_diversity
+    and comes out as FDFO computes it from the raw embeddings, with DreamSim's own 1 - cos kept as raw."""
     clip = sources[0]["clip_l14"]
     spec = metrics.METRICS["dreamsim_diversity"]
     monkeypatch.setitem(metrics.METRICS, "clip_diversity", dataclasses.replace(
-        spec, load=lambda setup: lambda images, prompts: clip_image_embeddings(clip, images.cpu())))
+        spec, load=lambda setup: lambda images, prompts: unit_clip_embeddings(clip, images.cpu())))
     scored = score_folder(anneal_folder, ["clip_diversity"], sources, tmp_path / "diversity.json", batch_size=3)
     for weighing in ("base", "draft"):
         result = scored["results"][weighing]
-        embeddings = [clip_image_embeddings(clip, folder_images(anneal_folder / weighing, p)) for p in range(3)]
-        expected = [metrics.mean_pairwise_cosine_distance(e) for e in embeddings]
+        embeddings = [unit_clip_embeddings(clip, folder_images(anneal_folder / weighing, p)) for p in range(3)]
+        expected = [fdfo_dreamsim_diversity(e) for e in embeddings]
         assert [row["clip_diversity"] for row in result["per_prompt"]] == pytest.approx(expected, rel=1e-5)
-        assert result["metrics"]["clip_diversity"]["mean"] == pytest.approx(statistics.mean(expected), rel=1e-5)
+        summary = result["metrics"]["clip_diversity"]
+        assert summary["mean"] == pytest.approx(statistics.mean(expected), rel=1e-5)
+        cosine_distances = [metrics.mean_pairwise_cosine_distance(e) for e in embeddings]
+        assert summary["raw"]["mean"] == pytest.approx(statistics.mean(cosine_distances), rel=1e-5)
+    assert "2 (1 - cos)" in scored["statistics"]["conventions"]["clip_diversity"]["convention"]
 
 
 @pytest.mark.parametrize("df, quantile", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (29, 2.0452), (1000, 1.9623)])
