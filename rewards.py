@@ -577,7 +577,7 @@ def _blip_tokenizer(name: str, source: str):
     from transformers import BertTokenizer
 
     with _hub_errors_as_usage_errors(name, source):
-        tokenizer = BertTokenizer.from_pretrained(source)
+        tokenizer = BertTokenizer.from_pretrained(source, local_files_only=_cache_only(source))
     # BLIP's init_tokenizer adds these two; ImageReward's embedding table has their rows (30522, 30523).
     tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
     return tokenizer
@@ -703,8 +703,9 @@ def _load_judge(name: str, source: str, path: str, dtype, device: torch.device, 
 
     with _hub_errors_as_usage_errors(name, source):
         # Straight onto the device: under torchrun every rank of a node loads its own copy.
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=str(device))
-        processor = AutoProcessor.from_pretrained(path)
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=str(device),
+                                                                   local_files_only=_cache_only(path))
+        processor = AutoProcessor.from_pretrained(path, local_files_only=_cache_only(path))
     processor.tokenizer.padding_side = "left"
     vocab = processor.tokenizer.get_vocab()
     missing = [answer for answer in VLM_ANSWERS if answer not in vocab]

@@ -40,7 +40,8 @@ def flags(**settings) -> list[str]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_sd, tmp_path_factory):
-    return write_lora_checkpoint(str(tmp_path_factory.mktemp("ckpt")), tiny_sd)
+    # B ~ N(0, 1): the tuned model's effect on the scores is large by construction, not by luck
+    return write_lora_checkpoint(str(tmp_path_factory.mktemp("ckpt")), tiny_sd, perturb=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,7 @@ def test_smoke_run_writes_resolved_config_per_prompt_values_and_statistics(smoke
         assert row in stdout
 
     pickscores = per_prompt_values(output["results"], "pickscore")
-    assert all(abs(pickscores["base", p] - pickscores["draft", p]) > 1e-4 for p in range(3))  # the LoRA matters
+    assert all(abs(pickscores["base", p] - pickscores["draft", p]) > 1e-2 for p in range(3))  # the LoRA matters
 
 
 @pytest.mark.slow
@@ -167,11 +168,11 @@ def test_scoring_anneal_output_matches_generating_the_same_images(smoke_run, ann
     assert list(scored["results"]) == ["base", "draft"]
     assert not set(metrics.GENERATION_FIELDS) & set(scored["config"])
     # The subprocess ran on one thread and this process on more: float sums in another order may round
-    # a pixel to the other 8-bit value, which moves a score by about 1e-5, far less than another image
-    # does (the same prompt and seed under base and draft differ by more than 1e-3).
+    # a few pixels to the other 8-bit value, which moves a score by up to about 2e-4 here, far less than
+    # another image does (the same prompt and seed under base and draft differ by more than 1e-2).
     for name in ("pickscore", "aesthetic"):
         ours, reference = per_prompt_values(scored["results"], name), per_prompt_values(generated["results"], name)
-        assert_same_values(ours, reference, 1e-4)
+        assert_same_values(ours, reference, 1e-3)
     prompts = {(s, row["prompt_index"]): row["prompt"] for s, r in scored["results"].items() for row in r["per_prompt"]}
     assert prompts == {(s, p): PROMPTS[p] for s in ("base", "draft") for p in range(3)}
 
