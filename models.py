@@ -22,6 +22,7 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_FILE = "pytorch_lora_weights.safetensors"
 FULL_UNET_DIR = "unet"
+SHARDED_DIR = "sharded"  # a --fsdp checkpoint's torch.distributed.checkpoint of the UNet and optimizer
 FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 # Keyword arguments of from_pretrained that only some pipeline classes accept (others would warn).
 LOAD_KWARGS = {"sd": {"safety_checker": None, "requires_safety_checker": False}, "sdxl": {}}
@@ -105,6 +106,19 @@ def ddim_from(config) -> DDIMScheduler:
     return DDIMScheduler.from_config(config, **overrides)
 
 
+@contextlib.contextmanager
+def diffusers_quiet():
+    """diffusers' logger silenced for a call whose warnings we report ourselves or know to be empty."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
 def quiet_loading() -> None:
     """Loading and saving bars of every sub-model would bury the status lines."""
     import diffusers
@@ -134,9 +148,19 @@ def attach_lora(model: DiffusionModel, rank: int, alpha: float) -> None:
             param.data = param.data.float()  # trainable weights stay fp32 under bf16 autocast
 
 
-def enable_full_finetune(model: DiffusionModel) -> None:
-    """Train every UNet weight; a frozen copy made now is the base for the KL and annealing."""
+def enable_full_finetune(model: DiffusionModel, frozen_dtype: torch.dtype = torch.float32) -> None:
+    """Train every UNet weight, in fp32; a frozen copy made now is the base for the KL and annealing.
+    The frozen networks (that copy, the text encoders, the VAE) go to `frozen_dtype`, the training
+    dtype: in fp32 they would double their memory for nothing under bf16 autocast."""
     model.frozen_base = copy.deepcopy(model.unet).requires_grad_(False).eval()
+    frozen = [model.frozen_base] + [part for name, part in model.pipe.components.items()
+                                    if isinstance(part, torch.nn.Module) and part is not model.unet
+                                    # SDXL's VAE overflows in fp16 (see decode)
+                                    and not (name == "vae" and frozen_dtype == torch.float16
+                                             and _upcasts_vae(model.family, part))]
+    with diffusers_quiet():  # it warns of fp32-only modules at every cast, even with none listed
+        for part in frozen:
+            part.to(frozen_dtype)
     model.unet.float().requires_grad_(True).train()
 
 
@@ -274,19 +298,19 @@ def load_checkpoint_for_inference(model: DiffusionModel, checkpoint: str) -> Non
     Weights made for another base model are refused in one line: diffusers would only warn about
     LoRA layers the model lacks, and a full UNet of another shape would load on its own.
     """
-    from diffusers.utils import logging as diffusers_logging
     from peft.utils import get_peft_model_state_dict
 
     trained_from = model_name(checkpoint)
     lora_file = os.path.join(checkpoint, LORA_FILE)
     full_dir = os.path.join(checkpoint, FULL_UNET_DIR)
     if not os.path.isfile(lora_file) and not os.path.isdir(full_dir):
-        raise UsageError(f"checkpoint {checkpoint!r} has neither {LORA_FILE} nor a {FULL_UNET_DIR}/ folder")
+        sharded = (": it is a sharded --fsdp checkpoint; the final one, and one every --export-every steps, "
+                   "also hold the consolidated UNet") if os.path.isdir(os.path.join(checkpoint, SHARDED_DIR)) else ""
+        raise UsageError(f"checkpoint {checkpoint!r} has neither {LORA_FILE} nor a {FULL_UNET_DIR}/ folder{sharded}")
     problem = None
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its multi-line report becomes our one line
     try:
-        with warnings.catch_warnings():
+        # diffusers' multi-line report becomes our one line
+        with diffusers_quiet(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if os.path.isfile(lora_file):
                 state, _ = type(model.pipe).lora_state_dict(checkpoint)
@@ -311,8 +335,6 @@ def load_checkpoint_for_inference(model: DiffusionModel, checkpoint: str) -> Non
     except Exception as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         problem = next((line for line in lines if line.startswith("size mismatch")), lines[0])
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
     if problem:
         origin = f"trained from {trained_from!r}" if trained_from else "base model not recorded"
         raise UsageError(f"checkpoint {checkpoint!r} ({origin}) does not fit model {model.pipe.name_or_path!r}: {problem}")

@@ -8,7 +8,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import socket
 import sys
 import time
@@ -250,22 +249,6 @@ def hold_run_dir(run_dir: str):
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
     handle.flush()
     return handle
-
-
-def write_atomic_dir(final_path: str, write_into) -> None:
-    """Call `write_into(tmp_dir)`, then rename tmp_dir to `final_path` in one step.
-
-    A killed process leaves at most a `.tmp-` folder, which readers ignore, never a partial
-    `final_path`.
-    """
-    parent, name = os.path.split(final_path.rstrip("/"))
-    tmp = os.path.join(parent, f".tmp-{name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write_into(tmp)
-    if os.path.exists(final_path):
-        shutil.rmtree(final_path)
-    os.replace(tmp, final_path)
 
 
 def write_atomic_file(path: str, write_into) -> None:
