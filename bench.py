@@ -124,24 +124,17 @@ def time_parts(bench: BenchConfig, model: str, clip: str) -> tuple[float, dict[s
 
 
 def _rss_peak_growth(bench, model, clip, steps, truncation, checkpointing, queue):
-    torch.set_num_threads(bench.threads)
-    trainer = make_trainer(bench, model, clip, steps, truncation, checkpointing)
     import gc
 
+    import utils
+
+    torch.set_num_threads(bench.threads)
+    trainer = make_trainer(bench, model, clip, steps, truncation, checkpointing)
     gc.collect()
-    footprint = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM (peak RSS) so loading transients are not counted
+    memory = utils.MemoryMeter(torch.device("cpu"))
+    memory.reset_peak()  # loading transients are not counted
     trainer.step(0)
-    queue.put((_status_kb("VmHWM") - footprint) / 1024)
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    queue.put(memory.growth_mb())
 
 
 def peak_growth_mb(bench, model, clip, steps, truncation, checkpointing) -> float:

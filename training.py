@@ -409,7 +409,7 @@ def restore_checkpoint(trainer: Trainer, folder: str) -> int:
 
 # Fields a resume may change: they shape neither the weights nor the data order.
 MUTABLE_ON_RESUME = {"steps", "save_every", "val_every", "log_every", "wandb", "wandb_project", "device",
-                     "export_every"}
+                     "export_every", "run_dir"}  # a run dir may be moved or copied
 
 
 def check_same_run(cfg: TrainConfig, world_size: int) -> TrainConfig:
@@ -511,16 +511,16 @@ def run_steps(trainer: Trainer, start: int, log: utils.JsonlLog, run, val_prompt
     Returns the last checkpoint written."""
     cfg, dist = trainer.cfg, trainer.dist
     bad_streak, saved = 0, None
+    memory = utils.MemoryMeter(dist.device)
     bar = tqdm(total=cfg.steps, initial=start, disable=not dist.is_main, desc="train", dynamic_ncols=True)
     for step in range(start, cfg.steps):
         done = step + 1
         timer = utils.Timer()
-        if dist.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dist.device)
+        memory.reset_peak()
         record = trainer.step(step)
         seconds = timer.seconds()
         record.update(step=done, sec_per_step=seconds, images_per_s=global_batch(cfg, dist.world_size) / seconds,
-                      peak_mem_mb=utils.peak_memory_mb(dist.device))
+                      peak_mem_mb=memory.peak_mb(), mem_growth_mb=memory.growth_mb())
         bad_streak = bad_streak + 1 if record["bad"] else 0
         if record["bad"]:
             bar.write(f"warning: non-finite loss or gradient at step {done}; optimizer step skipped", file=sys.stderr)
