@@ -8,7 +8,8 @@ Prints, for a tiny SD model and then a tiny SDXL model:
       batch (CFG, batch 2, decoded), at N=50 and N=10 sampler steps;
   (b) peak memory of a K=1 step at N=50 / at N=10;
   (c) peak memory of a K=10 step with gradient checkpointing / of a K=1 step;
-and where a step's time goes, in units of one no-grad UNet call.
+and where a step's time goes, in units of one no-grad UNet call; then a 2-process full fine-tune of a
+wider tiny SD UNet through train.py with and without --fsdp: step time and peak memory growth per rank.
 Memory is the growth of the peak resident set above the footprint after the models are loaded,
 each configuration in a fresh process (on a GPU run it would be torch.cuda.max_memory_allocated).
 """
@@ -36,6 +37,7 @@ class BenchConfig:
     guidance_scale: float = 7.5  # CFG scale for both the pipeline and the training step
     lora_rank: int = 4  # LoRA rank; the tiny UNet's attention is 16-32 wide, so 32 would dwarf it
     threads: int = 1  # torch CPU threads; 1 keeps timings steady when other processes share the cores
+    fsdp_resolution: int = 32  # image side of the 2-process full fine-tune with and without --fsdp
 
 
 PROMPTS = ["a red circle", "a green square"]
@@ -169,6 +171,50 @@ def report(bench: BenchConfig, family: str, model: str, clip: str) -> None:
           flush=True)
 
 
+def sharded_training(bench: BenchConfig, model: str, clip: str, folder: str, fsdp: bool) -> tuple[float, float]:
+    """Median seconds of steps 2-4 (the first allocates the optimizer state) and the peak
+    memory growth of rank 0, of a 2-process full fine-tune through train.py, as a user runs it."""
+    import json
+    import subprocess
+
+    run_dir = os.path.join(folder, "fsdp" if fsdp else "plain")
+    with open(os.path.join(folder, "prompts.txt"), "w") as f:
+        f.write("\n".join(PROMPTS) + "\n")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(ROOT, "train.py"), "--model", model, "--reward-source", f"pickscore={clip}",
+               "--prompts", os.path.join(folder, "prompts.txt"), "--full-finetune", "--inference-steps", "10",
+               "--resolution", str(bench.fsdp_resolution), "--batch-size", "1", "--steps", "4",
+               "--save-every", "1000", "--val-every", "0", "--run-dir", run_dir, *(["--fsdp"] if fsdp else [])]
+    # One thread per process, and glibc returning freed blocks at once so the resident set follows live tensors.
+    env = {**os.environ, "OMP_NUM_THREADS": str(bench.threads), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    subprocess.run(command, check=True, capture_output=True, env=env)
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return (statistics.median(r["sec_per_step"] for r in records[1:]), max(r["mem_growth_mb"] for r in records))
+
+
+def report_fsdp(bench: BenchConfig, model: str, clip: str, folder: str) -> None:
+    """The two configurations alternate, repeated, as the timings of one run do."""
+    times, growth = {True: [], False: []}, {True: [], False: []}
+    for _ in range(bench.repeats):
+        for fsdp in (False, True):
+            seconds, mb = sharded_training(bench, model, clip, folder, fsdp)
+            times[fsdp].append(seconds)
+            growth[fsdp].append(mb)
+    plain_s, fsdp_s = statistics.median(times[False]), statistics.median(times[True])
+    plain_mb, fsdp_mb = statistics.median(growth[False]), statistics.median(growth[True])
+    print(f"full fine-tune on 2 processes, {bench.fsdp_resolution}px, UNet of "
+          f"{unet_parameters(model) / 1e6:.1f} M parameters: step --fsdp {fsdp_s:.3f}s / plain {plain_s:.3f}s "
+          f"= {fsdp_s / plain_s:.3f}; peak memory growth per rank --fsdp {fsdp_mb:.1f} MB / plain {plain_mb:.1f} MB "
+          f"= {fsdp_mb / plain_mb:.3f}", flush=True)
+
+
+def unet_parameters(model: str) -> int:
+    from diffusers import UNet2DConditionModel
+
+    return sum(p.numel() for p in UNet2DConditionModel.from_pretrained(model, subfolder="unet").parameters())
+
+
 def main(bench: BenchConfig) -> None:
     import models
     import tiny_models
@@ -181,6 +227,9 @@ def main(bench: BenchConfig) -> None:
         clip = tiny_rewards.make_tiny_clip(os.path.join(folder, "clip"))
         report(bench, "SD", tiny_models.make_tiny_sd(os.path.join(folder, "sd")), clip)
         report(bench, "SDXL", tiny_models.make_tiny_sdxl(os.path.join(folder, "sdxl")), clip)
+        # Wide enough that weights, gradients and Adam state, not activations, dominate, as in real full fine-tuning.
+        wide = tiny_models.make_tiny_sd(os.path.join(folder, "wide"), block_out_channels=(128, 256))
+        report_fsdp(bench, wide, clip, folder)
 
 
 if __name__ == "__main__":

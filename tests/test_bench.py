@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_bench_prints_every_ratio_for_both_families():
-    result = subprocess.run([sys.executable, "bench.py", "--resolution", "16", "--repeats", "1"],
+    result = subprocess.run([sys.executable, "bench.py", "--resolution", "16", "--repeats", "1", "--fsdp-resolution", "16"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
@@ -28,3 +28,7 @@ def test_bench_prints_every_ratio_for_both_families():
         units = [float(v) for v in re.findall(r"(?:LoRA|bwd) (\d+\.\d+)", line)]
         assert len(units) == 3 and all(u > 0 for u in units), line
     assert "Writing model shards" not in result.stdout + result.stderr  # no loading bars in the report
+    fsdp = [line for line in lines if line.startswith("full fine-tune on 2 processes")]
+    assert len(fsdp) == 1
+    ratios = [float(v) for v in re.findall(r"= (\d+\.\d+)", fsdp[0])]
+    assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios), fsdp[0]
