@@ -54,6 +54,9 @@ class TrainConfig(SamplerOptions, DeviceOption, RewardSourceOption):
     export_every: int = 0  # with --fsdp: also write a consolidated unet/ folder every this many steps (0: the final one only)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # autocast dtype; auto = bf16 on GPU, none on CPU
     gradient_checkpointing: bool = False  # recompute the UNet, VAE decoder and reward tower in backward to save memory
+    # also recompute the denoiser's own blocks in backward (diffusers' enable_gradient_checkpointing), so that
+    # backward holds one block's activations instead of a whole call's; one more forward per graph step
+    checkpoint_blocks: bool = False
     seed: int = 0  # seeds data order, noise and truncation draws; same results on any number of GPUs
     run_dir: str = "runs/draftp"  # where checkpoints, log.jsonl and validation grids go
     save_every: int = 100  # checkpoint every this many steps (and at the end)
@@ -465,6 +468,8 @@ def build(cfg: TrainConfig, dist: utils.Dist) -> Trainer:
         models.attach_lora(model, cfg.lora_rank, cfg.lora_alpha)
     if cfg.gradient_checkpointing:
         model.pipe.vae.enable_gradient_checkpointing()
+    if cfg.checkpoint_blocks:
+        model.unet.enable_gradient_checkpointing()
     sharded = cfg.fsdp and dist.world_size > 1
     if sharded:
         shard(model, amp)
