@@ -104,6 +104,15 @@ def validate(cfg: TrainConfig) -> None:
     prompt_sets.load_prompts(cfg.prompts)
 
 
+def memory_warning(cfg: TrainConfig) -> str | None:
+    """K > 1 without checkpointing keeps a whole network call's activations per graph step: say so."""
+    highest = cfg.truncation_range[1] if cfg.truncation_range else cfg.truncation_steps
+    if highest <= 1 or cfg.gradient_checkpointing:
+        return None
+    return (f"warning: K up to {highest} without --gradient-checkpointing keeps {highest} UNet calls' activations "
+            "for backward, so memory grows with K; --gradient-checkpointing keeps it flat in K")
+
+
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     choice = cfg.mixed_precision
     if choice == "auto":
@@ -228,6 +237,7 @@ class Trainer:
         applied = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if applied:
             self.scaler.step(self.optimizer)
+            self.model.lora_changed()
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         bad = not math.isfinite(loss_value) or (not applied and (scale is None or scale < LOSS_SCALE_FLOOR))
