@@ -9,6 +9,7 @@ ROOT = os.path.dirname(TESTS)
 sys.path[:0] = [ROOT, TESTS]
 
 import tiny_models  # noqa: E402
+import tiny_rewards  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +29,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny CLIP in the transformers format: the PickScore and CLIP-score rewards load it."""
+    return tiny_rewards.make_tiny_clip(str(tmp_path_factory.mktemp("clip")))
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("a red circle\na blue square\na green triangle\na yellow star\n")
+    return str(path)

@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 import generation
 import models
 import tiny_models
-import tiny_rewards
 from conftest import ROOT
 from utils import generators
 
@@ -40,18 +39,6 @@ def run_train(args, *, world_size=1, check=True, env=None, **popen):
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    return tiny_rewards.make_tiny_clip(str(tmp_path_factory.mktemp("clip")))
-
-
-@pytest.fixture(scope="module")
-def prompt_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
-    path.write_text("a red circle\na blue square\na green triangle\na yellow star\n")
-    return str(path)
 
 
 def args_for(model, clip, prompts, run_dir, *extra):

@@ -139,8 +139,10 @@ def test_two_processes_give_the_same_numbers(smoke_run, generated_args, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     two, (one, _) = json.loads(out.read_text()), smoke_run
     assert {**two["config"], "out": None} == {**one["config"], "out": None}
+    # The ranks batch the images otherwise than one process does: float sums in another order may round a
+    # few pixels to the other 8-bit value (up to ~2e-4 of score), far less than base vs draft (> 1e-2).
     for name in ("pickscore", "aesthetic"):
-        assert_same_values(per_prompt_values(two["results"], name), per_prompt_values(one["results"], name), 1e-6)
+        assert_same_values(per_prompt_values(two["results"], name), per_prompt_values(one["results"], name), 1e-3)
     # Rank 0 shows its share (prompts 0 and 2: 8 images over both sets); rank 1 shows no bar.
     assert "8/8 [" in result.stderr and "/4 [" not in result.stderr
 
