@@ -3,12 +3,12 @@
     python bench.py                      # tiny SD model built on the fly, CPU
     python bench.py --resolution 256 --repeats 5
 
-Prints, for a tiny SD model and then a tiny SDXL model:
+Prints, for a tiny SD, a tiny SDXL and a tiny SD3.5 model:
   (a) time of one DRaFT+ K=1 step (KL on) / time of the stock diffusers pipeline sampling the same
       batch (CFG, batch 2, decoded), at N=50 and N=10 sampler steps;
   (b) peak memory of a K=1 step at N=50 / at N=10;
   (c) peak memory of a K=10 step with gradient checkpointing / of a K=1 step;
-and where a step's time goes, in units of one no-grad UNet call.
+and where a step's time goes, in units of one no-grad call of the UNet (SD3: transformer).
 Memory is the growth of the peak resident set above the footprint after the models are loaded,
 each configuration in a fresh process (on a GPU run it would be torch.cuda.max_memory_allocated).
 """
@@ -34,7 +34,7 @@ class BenchConfig:
     batch_size: int = 2  # prompts per step and per pipeline call
     repeats: int = 3  # timed repetitions per configuration (the median is reported)
     guidance_scale: float = 7.5  # CFG scale for both the pipeline and the training step
-    lora_rank: int = 4  # LoRA rank; the tiny UNet's attention is 16-32 wide, so 32 would dwarf it
+    lora_rank: int = 4  # LoRA rank; the tiny models' attention is 16-32 wide, so 32 would dwarf it
     threads: int = 1  # torch CPU threads; 1 keeps timings steady when other processes share the cores
 
 
@@ -72,8 +72,9 @@ def time_ratio(bench: BenchConfig, model: str, clip: str, steps: int) -> tuple[f
     from utils import generators
 
     trainer = make_trainer(bench, model, clip, steps, truncation=1, checkpointing=False)
-    # The stock pipeline object, sampling with DDIM as the training step does (SDXL ships Euler).
-    pipe = models.load_model(model, torch.device("cpu"), scheduler="ddim").pipe
+    # The stock pipeline object, sampling with the training step's scheduler (DDIM for SD and SDXL, which
+    # ships Euler; SD3's own flow-match Euler).
+    pipe = models.load_model(model, torch.device("cpu"), scheduler=trainer.cfg.scheduler).pipe
     step_counter = iter(range(10**6))
 
     def pipeline_call():
@@ -95,8 +96,8 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def time_parts(bench: BenchConfig, model: str, clip: str) -> tuple[float, dict[str, float]]:
-    """Where a step's time goes: seconds of one no-grad call with CFG of the UNet as loaded (no LoRA
-    layers), and the other parts of a step in units of that call."""
+    """Where a step's time goes: seconds of one no-grad call with CFG of the denoiser as loaded (no
+    LoRA layers), and the other parts of a step in units of that call."""
     import models
 
     trainer = make_trainer(bench, model, clip, steps=10, truncation=1, checkpointing=False)
@@ -105,9 +106,9 @@ def time_parts(bench: BenchConfig, model: str, clip: str) -> tuple[float, dict[s
     latents = torch.randn(model_.latent_shape(bench.batch_size, bench.resolution))
     model_input, t = torch.cat([latents, latents]), torch.tensor(500)
     tuned = models.tuned_denoiser(model_, conditioning)
-    plain = models.make_denoiser(models.load_model(model, torch.device("cpu")).unet, conditioning)
+    plain = models.make_denoiser(models.load_model(model, torch.device("cpu")).denoiser, conditioning)
 
-    def unet_forward_backward():
+    def denoiser_forward_backward():
         tuned(model_input, t).square().mean().backward()
 
     def decode_reward_forward_backward():
@@ -115,12 +116,12 @@ def time_parts(bench: BenchConfig, model: str, clip: str) -> tuple[float, dict[s
         trainer.reward(models.decode(model_, z), prompts).sum().backward()
 
     with torch.no_grad():  # interleaved and repeated more: the two differ by little
-        lora_s, unet_s = interleaved_medians(lambda: tuned(model_input, t), lambda: plain(model_input, t),
+        lora_s, plain_s = interleaved_medians(lambda: tuned(model_input, t), lambda: plain(model_input, t),
                                              3 * bench.repeats)
-    parts = {"UNet with LoRA": lora_s}
-    parts["UNet fwd+bwd"] = median_seconds(unet_forward_backward, bench.repeats)
+    parts = {"denoiser with LoRA": lora_s}
+    parts["denoiser fwd+bwd"] = median_seconds(denoiser_forward_backward, bench.repeats)
     parts["decode+reward fwd+bwd"] = median_seconds(decode_reward_forward_backward, bench.repeats)
-    return unet_s, {name: seconds / unet_s for name, seconds in parts.items()}
+    return plain_s, {name: seconds / plain_s for name, seconds in parts.items()}
 
 
 def _rss_peak_growth(bench, model, clip, steps, truncation, checkpointing, queue):
@@ -165,8 +166,8 @@ def report(bench: BenchConfig, family: str, model: str, clip: str) -> None:
         step_s, pipe_s = time_ratio(bench, model, clip, steps)
         print(f"(a) N={steps}: DRaFT+ K=1 step {step_s:.3f}s / pipeline {pipe_s:.3f}s = {step_s / pipe_s:.3f}",
               flush=True)
-    unet_s, parts = time_parts(bench, model, clip)
-    print(f"parts, in no-grad UNet calls with CFG ({unet_s * 1000:.1f} ms): "
+    plain_s, parts = time_parts(bench, model, clip)
+    print(f"parts, in no-grad denoiser calls with CFG ({plain_s * 1000:.1f} ms): "
           + ", ".join(f"{name} {units:.2f}" for name, units in parts.items()), flush=True)
     k1_n50 = peak_growth_mb(bench, model, clip, 50, 1, False)
     k1_n10 = peak_growth_mb(bench, model, clip, 10, 1, False)
@@ -188,6 +189,7 @@ def main(bench: BenchConfig) -> None:
         clip = tiny_rewards.make_tiny_clip(os.path.join(folder, "clip"))
         report(bench, "SD", tiny_models.make_tiny_sd(os.path.join(folder, "sd")), clip)
         report(bench, "SDXL", tiny_models.make_tiny_sdxl(os.path.join(folder, "sdxl")), clip)
+        report(bench, "SD3", tiny_models.make_tiny_sd3(os.path.join(folder, "sd3")), clip)
 
 
 if __name__ == "__main__":

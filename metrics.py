@@ -58,7 +58,8 @@ IMAGE_FILE = re.compile(r"img_(\d+)_(\d+)\.png")
 PROMPT_FILE = re.compile(r"prompt_(\d+)\.txt")
 # Settings of generation: an --images run records none of them, as none of them shaped its images.
 GENERATION_FIELDS = ("checkpoint", "model", "weighing", "prompt_set", "num_repeats", "seed", "inference_steps",
-                     "guidance_scale", "eta", "scheduler", "resolution")
+                     "guidance_scale", "eta", "scheduler", "sigmas", "resolution", "max_sequence_length", "no_t5",
+                     "offload_text_encoders", "lora_alpha")
 STATISTICS = ("per prompt: a reward is the mean over its images, dreamsim_diversity the mean DreamSim distance "
               "(1 - cosine similarity) over pairs of its images; per metric: mean over prompts, std (n - 1) of "
               "the per-prompt values, 95% Student-t confidence interval of the mean")
@@ -70,7 +71,9 @@ class MetricsConfig(generation.InferenceOptions, generation.RewardSourceOption):
     preset: Literal["none", "demo"] = "none"
     # metrics: rewards (pickscore hpsv2 hpsv21 aesthetic clip_l14 clip_h14) and dreamsim_diversity
     metrics: tuple[str, ...] = ("pickscore",)
-    checkpoint: str | None = None  # training checkpoint folder to evaluate; none: the base model alone
+    # tuned weights to evaluate, applied in order: training checkpoint folders, FDFO adapter folders, RTDMD .pt
+    # LoRAs (stacked: cold start, then RL); none: the base model alone
+    checkpoint: tuple[str, ...] = ()
     # annealed-guidance mixes to evaluate (base, draft, linear, power_P, step_F); default draft, or base with no --checkpoint
     weighing: tuple[str, ...] = ()
     images: str | None = None  # score the images of this anneal.py folder (its --out, or one weighing in it) instead of generating
@@ -245,7 +248,7 @@ def weighing_names(cfg: MetricsConfig) -> list[str]:
         return ["draft" if cfg.checkpoint else "base"]
     names = generation.weighing_list(cfg.weighing)
     tuned = [name for name in names if name != "base"]
-    if tuned and cfg.checkpoint is None:
+    if tuned and not cfg.checkpoint:
         raise UsageError(f"--weighing {tuned[0]} needs a tuned model: give --checkpoint "
                          "(without one there is only base)")
     return names
@@ -477,10 +480,7 @@ def main(cfg: MetricsConfig, hps_arch: str = rewards.HPS_ARCH) -> None:
     setup = MetricSetup(dist.device, sources, cfg.dreamsim_cache, hps_arch)
     model = None
     if cfg.images is None:
-        model, resolution = generation.load_for_inference(cfg.model,
-                                                          cfg.checkpoint, dist.device, dtype, cfg.scheduler,
-                                                          cfg.resolution)
-        cfg = replace(cfg, model=model.pipe.name_or_path, resolution=resolution)
+        model, cfg = generation.load_for_inference(cfg, cfg.checkpoint, dist.device)
     metrics = load_metrics(names, setup, dist)
     if cfg.out is not None and dist.is_main:  # now, not after hours of scoring
         utils.ensure_writable_dir(os.path.dirname(os.path.abspath(cfg.out)))

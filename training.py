@@ -18,7 +18,7 @@ import models
 import prompts as prompt_sets
 import rewards
 import utils
-from generation import DeviceOption, RewardSourceOption, SamplerOptions
+from generation import DeviceOption, RewardSourceOption, SamplerOptions, TextEncoderOptions
 from utils import UsageError
 
 # Below this loss scale an fp16 gradient overflows even unscaled: the scaler can no longer help.
@@ -26,7 +26,7 @@ LOSS_SCALE_FLOOR = 1.0
 
 
 @dataclass(kw_only=True)
-class TrainConfig(SamplerOptions, DeviceOption, RewardSourceOption):
+class TrainConfig(SamplerOptions, TextEncoderOptions, DeviceOption, RewardSourceOption):
     # a set of defaults: "demo" trains the bundled demo world on a CPU (see train.PRESETS); other flags still override it
     preset: Literal["none", "demo"] = "none"
     model: str = models.DEFAULT_MODEL  # diffusers pipeline: hub id or local folder
@@ -44,9 +44,9 @@ class TrainConfig(SamplerOptions, DeviceOption, RewardSourceOption):
     warmup_steps: int = 0  # linear learning-rate warm-up steps
     max_grad_norm: float = 1.0  # gradient clipping threshold (global L2 norm)
     steps: int = 1000  # optimizer steps in total
-    lora_rank: int = 32  # LoRA rank on the UNet attention projections
-    lora_alpha: float = 32.0  # LoRA alpha (scale = alpha / rank)
-    full_finetune: bool = False  # train every UNet weight instead of LoRA (a frozen copy is the KL base)
+    lora_rank: int | None = None  # LoRA rank on the attention projections; default 32
+    lora_alpha: float | None = None  # LoRA alpha (scale = alpha / rank); default 32 (SD, SDXL), 64 (SD3, as FDFO and RTDMD)
+    full_finetune: bool = False  # train every weight of the UNet or transformer instead of LoRA (a frozen copy is the KL base)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # autocast dtype; auto = bf16 on GPU, none on CPU
     gradient_checkpointing: bool = False  # recompute the UNet, VAE decoder and reward tower in backward to save memory
     seed: int = 0  # seeds data order, noise and truncation draws; same results on any number of GPUs
@@ -70,7 +70,8 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < 0:
             raise UsageError(f"{utils.flag(name)} must be >= 0, got {getattr(cfg, name)}")
     low, high = cfg.truncation_range or (cfg.truncation_steps, cfg.truncation_steps)
-    if not 0 <= low <= high <= cfg.inference_steps:
+    steps = cfg.inference_steps  # None until the family's default is filled in
+    if not 0 <= low <= high or (steps is not None and high > steps):
         raise UsageError(f"truncation steps must satisfy 0 <= K <= --inference-steps ({cfg.inference_steps}), got {low}..{high}")
     if cfg.truncation_range and low < 1:
         raise UsageError(f"--truncation-range {low} {high}: a draw of K = 0 would train nothing; start at 1")
@@ -79,12 +80,22 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.lv_samples and cfg.truncation_range:
         raise UsageError("--lv-samples and --truncation-range exclude each other")
     for name in ("lr", "lora_alpha", "max_grad_norm"):
-        if not getattr(cfg, name) > 0:
+        if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
             raise UsageError(f"{utils.flag(name)} must be positive, got {getattr(cfg, name)}")
     if cfg.kl_coeff < 0 or cfg.weight_decay < 0:
         raise UsageError("--kl-coeff and --weight-decay must be >= 0")
     rewards.parse_reward_spec(cfg.reward)
     prompt_sets.load_prompts(cfg.prompts)
+
+
+def resolved(cfg: TrainConfig, family: str) -> TrainConfig:
+    """`cfg` with its family's defaults for the flags left unset (SD3 trains at 512 px, as FDFO and
+    RTDMD do; SD and SDXL at their model's own size), validated again with them."""
+    cfg = generation.with_family_defaults(cfg, family)
+    if cfg.resolution is None:
+        cfg = replace(cfg, resolution=models.FAMILY_DEFAULTS[family].get("train_resolution"))
+    validate(cfg)
+    return cfg
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -161,7 +172,8 @@ class Trainer:
         """Sample with the graph on the last `truncation` steps; return images and the KL (None unless
         it is asked for: the base model's call would cost for nothing)."""
         cfg = self.cfg
-        settings = generation.SamplerSettings(self.resolution, cfg.inference_steps, cfg.guidance_scale, cfg.eta)
+        settings = generation.SamplerSettings(self.resolution, cfg.inference_steps, cfg.guidance_scale, cfg.eta,
+                                              cfg.sigmas)
         # Latents stay fp32 under autocast: the scheduler arithmetic is then that of fp32 sampling.
         return generation.generate(self.model, prompts, seeds, settings, truncation_steps=truncation,
                                    with_kl=self.computes_kl and not base_only, base_only=base_only,
@@ -350,16 +362,17 @@ def keep_global_batch(cfg: TrainConfig, previous: dict, previous_world: int, wor
 
 
 def build(cfg: TrainConfig, dist: utils.Dist) -> Trainer:
+    cfg = resolved(cfg, models.detect_family(cfg.model))
     amp = autocast_dtype(cfg, dist.device)
     weights_dtype = amp if (amp is not None and not cfg.full_finetune) else torch.float32
-    model = models.load_model(cfg.model, dist.device, weights_dtype, cfg.scheduler)
+    model = models.load_model(cfg.model, dist.device, weights_dtype, cfg.scheduler, generation.text_encoding(cfg))
     generation.checked_resolution(model, cfg.resolution)
     if cfg.full_finetune:
         models.enable_full_finetune(model)
     else:
         models.attach_lora(model, cfg.lora_rank, cfg.lora_alpha)
     if cfg.gradient_checkpointing:
-        model.pipe.vae.enable_gradient_checkpointing()
+        models.enable_gradient_checkpointing(model)
     reward = rewards.load_reward(cfg.reward, rewards.parse_reward_sources(cfg.reward_source), dtype=weights_dtype,
                                  device=dist.device, gradient_checkpointing=cfg.gradient_checkpointing)
     optimizer = torch.optim.AdamW(models.trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
