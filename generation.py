@@ -83,7 +83,7 @@ def validate_sigmas(cfg: SamplerOptions) -> None:
         return
     if cfg.scheduler != "cps":
         raise UsageError("--sigmas sets the schedule of --sampler cps; add it, or leave --sigmas out")
-    if not all(1 >= a > b > 0 for a, b in zip(cfg.sigmas, (*cfg.sigmas[1:], 0.0))):
+    if not all(1 >= a > b for a, b in zip(cfg.sigmas, (*cfg.sigmas[1:], 0.0))):
         raise UsageError(f"--sigmas must fall strictly within (0, 1], noisiest first, got {' '.join(map(str, cfg.sigmas))}")
     if cfg.inference_steps not in (None, len(cfg.sigmas)):
         raise UsageError(f"--inference-steps {cfg.inference_steps} disagrees with the {len(cfg.sigmas)} --sigmas; "

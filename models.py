@@ -410,7 +410,9 @@ def save_tuned(model: DiffusionModel, folder: str) -> None:
 
 def _denoiser_lora_state(model: DiffusionModel, folder: str) -> dict:
     """The denoiser's LoRA weights of a diffusers LoRA file, in peft's key names."""
-    state, _ = type(model.pipe).lora_state_dict(folder)
+    state = type(model.pipe).lora_state_dict(folder)
+    if isinstance(state, tuple):  # the UNet families' loaders return (state, network alphas), SD3's the state
+        state = state[0]
     prefix = model.denoiser_name + "."
     return convert_unet_state_dict_to_peft({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
 
@@ -535,6 +537,11 @@ def _unwrapped(key: str) -> str:
     return _unwrapped(key.removeprefix(prefix)) if prefix else key
 
 
+def _is_linear(layer) -> bool:
+    """A linear layer, or one that an adapter loaded before has wrapped (stacked LoRAs)."""
+    return isinstance(layer, torch.nn.Linear) or isinstance(getattr(layer, "base_layer", None), torch.nn.Linear)
+
+
 def _add_lora_adapter(model: DiffusionModel, state, adapter_name: str, alpha: float | None = None,
                       config=None) -> str | None:
     """Add the LoRA of `state` as adapter `adapter_name` on exactly the layers it names, with `config`
@@ -551,7 +558,7 @@ def _add_lora_adapter(model: DiffusionModel, state, adapter_name: str, alpha: fl
         factors[f"{match['layer']}.lora_{match['factor']}.weight"] = tensor
         keys_of.setdefault(match["layer"], []).append(key)
     layers = dict(model.denoiser.named_modules())
-    unfit = [key for layer, keys in keys_of.items() if not isinstance(layers.get(layer), torch.nn.Linear) for key in keys]
+    unfit = [key for layer, keys in keys_of.items() if not _is_linear(layers.get(layer)) for key in keys]
     if unfit:
         return f"{len(unfit)} of its {len(state)} LoRA weights have no layer here, e.g. {min(unfit)}"
     halves = [keys[0] for keys in keys_of.values() if len(keys) != 2]

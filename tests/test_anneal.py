@@ -139,7 +139,8 @@ def stock_pipeline_images(tiny_sd, lora_checkpoint=None):
 
 
 def test_draft_and_base_reproduce_their_models_and_linear_lies_between(tiny_sd, checkpoint):
-    model, _ = generation.load_for_inference(None, checkpoint, CPU, torch.float32, "ddim", RES)
+    model, _ = generation.load_for_inference(generation.InferenceOptions(resolution=RES, dtype="float32"),
+                                             (checkpoint,), CPU)
     settings = generation.SamplerSettings(RES, STEPS, 3.0)
 
     def render(model, weighing):

@@ -99,7 +99,7 @@ def test_smoke_run_writes_resolved_config_per_prompt_values_and_statistics(smoke
     output, stdout = smoke_run
     config = output["config"]
     assert set(config) == {f.name for f in dataclasses.fields(metrics.MetricsConfig)}
-    assert config["model"] == tiny_sd and config["checkpoint"] == checkpoint
+    assert config["model"] == tiny_sd and config["checkpoint"] == [checkpoint]
     assert config["weighing"] == ["base", "draft"] and config["metrics"] == ["pickscore", "aesthetic"]
     assert (config["num_prompts"], config["resolution"], config["dtype"]) == (3, 32, "float32")
     assert list(output["results"]) == ["base", "draft"]
@@ -140,7 +140,7 @@ def test_two_processes_give_the_same_numbers(smoke_run, generated_args, tmp_path
 def anneal_folder(checkpoint, prompt_file, tmp_path_factory):
     """anneal.py's output for the smoke run's checkpoint, prompts, seeds and sampler settings."""
     out = tmp_path_factory.mktemp("anneal")
-    anneal.main(anneal.AnnealConfig(checkpoint=checkpoint, weighing=("base", "draft"), prompts=prompt_file,
+    anneal.main(anneal.AnnealConfig(checkpoint=(checkpoint,), weighing=("base", "draft"), prompts=prompt_file,
                                     num_images=REPEATS, out=str(out), device="cpu", **SAMPLER))
     return out
 
@@ -284,7 +284,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(settings, message, chec
     settings = {key: replacements.get(value, value) if isinstance(value, str) else value
                 for key, value in settings.items()}
     out = tmp_path / "out" / "m.json"
-    base = dict(checkpoint=checkpoint, prompt_set=prompt_file, out=str(out), device="cpu")
+    base = dict(checkpoint=(checkpoint,), prompt_set=prompt_file, out=str(out), device="cpu")
     if "images" in settings:
         base.pop("checkpoint")
     with pytest.raises(SystemExit) as exit_info:

@@ -236,8 +236,9 @@ def test_anneal_draft_and_base_reproduce_tuned_and_base(kind, lora_checkpoint, t
     else:
         checkpoint = write_full_checkpoint(str(tmp_path), tiny_sdxl)
         tuned = stock_pipeline(tiny_sdxl, "pipeline", unet=os.path.join(checkpoint, models.FULL_UNET_DIR))
-    model, resolution = generation.load_for_inference(None, checkpoint, CPU, torch.float32, "pipeline", None)
-    assert resolution == RES
+    model, cfg = generation.load_for_inference(generation.InferenceOptions(scheduler="pipeline", dtype="float32"),
+                                               (checkpoint,), CPU)
+    assert cfg.resolution == RES
     images = {w: our_images(model, w) for w in ("base", "draft", "linear")}
     assert (images["base"] - stock_output(stock_pipeline(tiny_sdxl, "pipeline"), GUIDANCE, "pt")).abs().max() <= 1e-5
     assert (images["draft"] - stock_output(tuned, GUIDANCE, "pt")).abs().max() <= 1e-5
