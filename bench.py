@@ -1,7 +1,8 @@
 """Time and memory of a DRaFT+ training step, as ratios from one run (nothing here is a test).
 
-    python bench.py                      # tiny SD model built on the fly, CPU
+    python bench.py                      # tiny SD, SDXL and SD3 models built on the fly, CPU
     python bench.py --resolution 256 --repeats 5
+    python bench.py --families SD3         # one family only
 
 Prints, for a tiny SD, a tiny SDXL and a tiny SD3.5 model:
   (a) time of one DRaFT+ K=1 step (KL on) / time of the stock diffusers pipeline sampling the same
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import tyro
@@ -36,6 +38,7 @@ class BenchConfig:
     guidance_scale: float = 7.5  # CFG scale for both the pipeline and the training step
     lora_rank: int = 4  # LoRA rank; the tiny models' attention is 16-32 wide, so 32 would dwarf it
     threads: int = 1  # torch CPU threads; 1 keeps timings steady when other processes share the cores
+    families: tuple[Literal["SD", "SDXL", "SD3"], ...] = ("SD", "SDXL", "SD3")  # the tiny models to measure, in order
 
 
 PROMPTS = ["a red circle", "a green square"]
@@ -187,9 +190,9 @@ def main(bench: BenchConfig) -> None:
     torch.set_num_threads(bench.threads)
     with tempfile.TemporaryDirectory() as folder:
         clip = tiny_rewards.make_tiny_clip(os.path.join(folder, "clip"))
-        report(bench, "SD", tiny_models.make_tiny_sd(os.path.join(folder, "sd")), clip)
-        report(bench, "SDXL", tiny_models.make_tiny_sdxl(os.path.join(folder, "sdxl")), clip)
-        report(bench, "SD3", tiny_models.make_tiny_sd3(os.path.join(folder, "sd3")), clip)
+        factories = {"SD": tiny_models.make_tiny_sd, "SDXL": tiny_models.make_tiny_sdxl, "SD3": tiny_models.make_tiny_sd3}
+        for family in bench.families:
+            report(bench, family, factories[family](os.path.join(folder, family.lower())), clip)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import math
 import os
 import random
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
 import torch
@@ -318,7 +318,8 @@ def restore_checkpoint(trainer: Trainer, folder: str) -> int:
 
 
 # Fields a resume may change: they shape neither the weights nor the data order.
-MUTABLE_ON_RESUME = {"steps", "save_every", "val_every", "log_every", "wandb", "wandb_project", "device"}
+MUTABLE_ON_RESUME = {"steps", "save_every", "val_every", "log_every", "wandb", "wandb_project", "device",
+                     "offload_text_encoders"}
 
 
 def check_same_run(cfg: TrainConfig, world_size: int) -> TrainConfig:
@@ -335,8 +336,10 @@ def check_same_run(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if world_size != previous_world:
         cfg = keep_global_batch(cfg, previous, previous_world, world_size)
         free = free | {"grad_accum"}
+    # A flag newer than the run dir's config.json had its default in that run.
+    defaults = {f.name: f.default for f in fields(cfg)}
     for key, value in asdict(cfg).items():
-        old = previous.get(key)
+        old = json.loads(json.dumps(previous.get(key, defaults[key])))
         if key not in free and json.loads(json.dumps(value)) != old:
             raise UsageError(
                 f"--run-dir {cfg.run_dir!r} holds a run with {key}={old!r}, not {value!r}; use another --run-dir"

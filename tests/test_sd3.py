@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 
 import generate
 import generation
-import metrics
 import models
 import sampling
 import tiny_models
@@ -26,8 +25,9 @@ import tiny_rewards
 import training
 import utils
 from conftest import ROOT
-from test_anneal import write_lora_checkpoint
-from test_train import FixedBatch
+from test_anneal import one_thread, write_lora_checkpoint  # noqa: F401  (fixtures are used by name)
+from test_sdxl import (assert_linear_lies_between_base_and_draft, gradients_without_and_with_checkpointing,
+                       metrics_of_base_and_tuned, train_config, trained_on_a_fixed_batch, write_full_checkpoint)
 
 PROMPTS = ["a red circle", "a blue cube"]  # short: the tiny CLIP tokenizers hold 16 characters
 RES = 32
@@ -38,15 +38,6 @@ CPU = torch.device("cpu")
 PEER_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
                 "attn.to_out.0", "attn.to_q", "attn.to_v"]
 RTDMD_SIGMAS = (1.0, 0.9, 0.75, 0.5)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine threads only contend."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -321,31 +312,9 @@ def test_lv_renoises_x0_with_scale_noise_to_the_last_sigma(tiny_sd3):
     assert result.latents.shape[0] == 4 and result.latents.requires_grad
 
 
-def train_config(tiny_sd3, tiny_clip, run_dir, **overrides):
-    settings = dict(model=tiny_sd3, reward_source=[f"pickscore={tiny_clip}"], prompts="animals",
-                    inference_steps=6, guidance_scale=3.0, lora_rank=4, lora_alpha=8, batch_size=4, resolution=RES,
-                    run_dir=str(run_dir))
-    return training.TrainConfig(**{**settings, **overrides})
-
-
 @pytest.fixture(scope="module")
 def trained(tiny_sd3, tiny_clip, tmp_path_factory):
-    """A trainer after 8 steps on one fixed batch, and that batch's mean reward before and after."""
-    cfg = train_config(tiny_sd3, tiny_clip, tmp_path_factory.mktemp("run"), lr=1e-1, kl_coeff=0.0)
-    torch.manual_seed(cfg.seed)  # as train.main does: the LoRA's A matrices are random
-    trainer = training.build(cfg, utils.init_distributed("cpu"))
-    trainer.stream = FixedBatch(trainer.stream.prompts[:4], cfg.seed)
-    batch, seeds = trainer.stream.prompts, [trainer.stream.noise_seed(i) for i in range(4)]
-
-    def fixed_batch_reward():
-        with torch.no_grad():
-            images, _ = trainer.rollout(batch, seeds, 0)
-            return trainer.reward(images, batch).mean().item()
-
-    before = fixed_batch_reward()
-    for step in range(8):
-        trainer.step(step)
-    return trainer, before, fixed_batch_reward()
+    return trained_on_a_fixed_batch(tiny_sd3, tiny_clip, tmp_path_factory.mktemp("run"))
 
 
 def test_training_steps_raise_the_reward_of_a_fixed_batch(trained):
@@ -373,21 +342,13 @@ def test_saved_lora_loads_into_a_stock_sd3_pipeline_and_reproduces_our_images(tr
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd3, tiny_clip, tmp_path):
-    gradients = []
-    for checkpointing in (False, True):
-        cfg = train_config(tiny_sd3, tiny_clip, tmp_path, batch_size=2, gradient_checkpointing=checkpointing)
-        torch.manual_seed(0)  # the same LoRA A matrices in both
-        trainer = training.build(cfg, utils.init_distributed("cpu"))
-        assert trainer.model.denoiser.gradient_checkpointing == checkpointing  # the transformer's blocks
-        with torch.no_grad():
-            for name, param in trainer.model.denoiser.named_parameters():
-                if "lora_B" in name:  # a fresh LoRA would leave the KL without a gradient
-                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
-        images, kl = trainer.rollout(PROMPTS, [1, 2], truncation=2)
-        (kl - trainer.reward(images, PROMPTS).mean()).backward()
-        gradients.append(torch.cat([p.grad.flatten() for p in models.trainable_parameters(trainer.model)]))
-    assert gradients[0].abs().max() > 0
-    assert torch.allclose(gradients[0], gradients[1], rtol=1e-4, atol=1e-7)
+    (plain_trainer, plain), (checkpointed_trainer, checkpointed) = gradients_without_and_with_checkpointing(
+        tiny_sd3, tiny_clip, tmp_path)
+    # the transformer's blocks too, besides the sampler's one-call checkpoint and the VAE decoder
+    assert not plain_trainer.model.denoiser.gradient_checkpointing
+    assert checkpointed_trainer.model.denoiser.gradient_checkpointing
+    assert plain.abs().max() > 0
+    assert torch.allclose(plain, checkpointed, rtol=1e-4, atol=1e-7)
 
 
 def test_full_finetune_saves_a_transformer_folder(tiny_sd3, tiny_clip, tmp_path):
@@ -428,18 +389,6 @@ def test_two_processes_train_as_one_with_grad_accumulation(tiny_sd3, tiny_clip, 
 # Annealing and metrics
 
 
-def write_full_checkpoint(folder: str, base_model: str) -> str:
-    model = models.load_model(base_model, CPU)
-    models.enable_full_finetune(model)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.denoiser.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.05)
-    models.save_tuned(model, folder)
-    utils.save_json(os.path.join(folder, "config.json"), {"model": base_model})
-    return folder
-
-
 @pytest.mark.parametrize("kind", ["lora", "full"])
 def test_anneal_draft_and_base_reproduce_tuned_and_base(kind, lora_checkpoint, tiny_sd3, tmp_path):
     if kind == "lora":
@@ -453,29 +402,14 @@ def test_anneal_draft_and_base_reproduce_tuned_and_base(kind, lora_checkpoint, t
     images = {w: our_images(model, w) for w in ("base", "draft", "linear")}
     assert max_difference(images["base"], stock_output(stock_pipeline(tiny_sd3))) <= 1e-5
     assert max_difference(images["draft"], stock_output(tuned)) <= 1e-5
-
-    def distance(a, b):
-        return (images[a] - images[b]).norm().item()
-
-    assert distance("base", "draft") > 0.1
-    assert 0.01 * distance("base", "draft") < distance("linear", "base") < distance("base", "draft")
+    assert_linear_lies_between_base_and_draft(images)
 
 
 def test_metrics_score_base_and_tuned_sd3_images(lora_checkpoint, tiny_clip, tmp_path):
-    prompt_file = tmp_path / "prompts.txt"
-    prompt_file.write_text("\n".join(PROMPTS) + "\n")
-    out = tmp_path / "metrics.json"
-    args = ["--checkpoint", lora_checkpoint, "--weighing", "base", "draft", "--metrics", "pickscore",
-            "--reward-source", f"pickscore={tiny_clip}", "--prompt-set", str(prompt_file), "--num-repeats", "2",
-            "--inference-steps", "4", "--max-sequence-length", "32", "--batch-size", "4", "--device", "cpu",
-            "--out", str(out)]
-    metrics.main(tyro.cli(metrics.MetricsConfig, args=args))
-    report = json.loads(out.read_text())
+    report = metrics_of_base_and_tuned(lora_checkpoint, tiny_clip, tmp_path, "--max-sequence-length", "32")
     config = report["config"]
     assert (config["resolution"], config["guidance_scale"], config["scheduler"]) == (RES, 4.5, "pipeline")
-    results = report["results"]
-    assert [row["prompt"] for row in results["draft"]["per_prompt"]] == PROMPTS
-    base, draft = (results[w]["metrics"]["pickscore"]["mean"] for w in ("base", "draft"))
+    base, draft = (report["results"][w]["metrics"]["pickscore"]["mean"] for w in ("base", "draft"))
     assert abs(base - draft) > 1e-3  # the checkpoint is evaluated, not the base model twice
 
 
@@ -612,3 +546,14 @@ def test_options_that_do_not_fit_the_family_are_one_line(family, flags, message,
     line = run_generate_expecting_usage_error(["--model", model, "--out", str(tmp_path / "g.png"), *flags], capsys)
     assert message in line, line
     assert not (tmp_path / "g.png").exists()
+
+
+def test_a_run_dir_from_before_the_sd3_flags_still_resumes(tiny_sd, tmp_path):
+    cfg = training.resolved(training.TrainConfig(model=tiny_sd, run_dir=str(tmp_path)), "sd")
+    record = training.run_record(cfg, 1)
+    for newer in ("sigmas", "max_sequence_length", "no_t5", "offload_text_encoders"):
+        del record[newer]
+    utils.save_json(str(tmp_path / "config.json"), record)
+    assert training.check_same_run(cfg, 1) == cfg
+    with pytest.raises(utils.UsageError, match="holds a run with no_t5=False, not True"):
+        training.check_same_run(training.replace(cfg, no_t5=True), 1)

@@ -105,6 +105,25 @@ def make_tiny_sd(folder: str, prediction_type: str = "epsilon", seed: int = 0) -
     return folder
 
 
+def vae_of_factor_4(**config):
+    """An AutoencoderKL with three levels (latents a quarter of the image side), as SDXL's and SD3's
+    tiny models share it; `config` sets the latent channels and the scaling of each family."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8, 16),
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                         norm_num_groups=8, sample_size=32, **config)
+
+
+def clip_tokenizer_pair(folder: str):
+    """The two CLIP tokenizers of SDXL and SD3: the second pads with "!" where the first pads with <|endoftext|>."""
+    from transformers import CLIPTokenizer
+
+    first = CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(folder, "tokenizer")))
+    second = CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(folder, "tokenizer_2")), pad_token="!")
+    return first, second
+
+
 SDXL_TEXT_DIM_2 = 48  # the second encoder is wider, as OpenCLIP bigG is wider than CLIP L in SDXL
 SDXL_POOLED_DIM = 24
 SDXL_TIME_EMBED_DIM = 8
@@ -114,8 +133,8 @@ def make_tiny_sdxl(folder: str, seed: int = 0) -> str:
     """An SDXL base pipeline folder: both text encoders (the second with its projection, whose pooled
     output joins the time ids in the UNet's added condition), the text_time UNet, a VAE that asks
     for fp32 decoding, and the Euler scheduler SDXL base ships with."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -136,18 +155,7 @@ def make_tiny_sdxl(folder: str, seed: int = 0) -> str:
         projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_DIM + SDXL_POOLED_DIM,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = vae_of_factor_4(latent_channels=4, scaling_factor=0.13025, force_upcast=True)
     text_encoder = CLIPTextModel(clip_text_config())
     text_encoder_2 = CLIPTextModelWithProjection(
         clip_text_config(hidden_size=SDXL_TEXT_DIM_2, num_attention_heads=4, projection_dim=SDXL_POOLED_DIM)
@@ -166,9 +174,7 @@ def make_tiny_sdxl(folder: str, seed: int = 0) -> str:
         sample_max_value=1.0,
         skip_prk_steps=True,
     ))
-    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(folder, "tokenizer")))
-    # SDXL's second tokenizer pads with "!" where the first pads with <|endoftext|>.
-    tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(folder, "tokenizer_2")), pad_token="!")
+    tokenizer, tokenizer_2 = clip_tokenizer_pair(folder)
     pipe = StableDiffusionXLPipeline(
         unet=unet,
         vae=vae,
@@ -206,9 +212,8 @@ def make_tiny_sd3(folder: str, seed: int = 0, t5: bool = True, dynamic_shifting:
     block and RMS q/k norms as in SD3.5), two CLIP text encoders with projections, a T5 encoder (or
     none, as a folder saved without text_encoder_3), a 16-channel VAE with SD3's scaling and shift
     factors, and the flow-match Euler scheduler with SD3's shift of 3 (or dynamic shifting)."""
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
-    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
 
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
@@ -226,20 +231,8 @@ def make_tiny_sd3(folder: str, seed: int = 0, t5: bool = True, dynamic_shifting:
         dual_attention_layers=(0,),
         qk_norm="rms_norm",
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=SD3_LATENT_CHANNELS,
-        norm_num_groups=8,
-        sample_size=32,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = vae_of_factor_4(latent_channels=SD3_LATENT_CHANNELS, scaling_factor=1.5305, shift_factor=0.0609,
+                          use_quant_conv=False, use_post_quant_conv=False)
     text_encoder = CLIPTextModelWithProjection(clip_text_config(projection_dim=SD3_POOLED_DIM))
     text_encoder_2 = CLIPTextModelWithProjection(
         clip_text_config(hidden_size=SD3_TEXT_DIM_2, num_attention_heads=4, projection_dim=SD3_POOLED_DIM)
@@ -254,8 +247,7 @@ def make_tiny_sd3(folder: str, seed: int = 0, t5: bool = True, dynamic_shifting:
                                                     max_image_seq_len=256, base_shift=0.5, max_shift=1.15)
     else:
         scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(folder, "tokenizer")))
-    tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(folder, "tokenizer_2")), pad_token="!")
+    tokenizer, tokenizer_2 = clip_tokenizer_pair(folder)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=scheduler,
