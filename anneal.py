@@ -65,6 +65,8 @@ def validate(cfg: AnnealConfig) -> None:
     """Everything that can be checked before loading or writing anything."""
     utils.require_at_least_one(num_images=cfg.num_images,
                                max_prompts=1 if cfg.max_prompts is None else cfg.max_prompts)
+    if not cfg.checkpoint:
+        raise UsageError("--checkpoint needs at least one checkpoint: annealing mixes a tuned model with its base")
     generation.validate_shared_options(cfg)
     weighing_names(cfg)
     for i, name in enumerate(cfg.score):

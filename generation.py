@@ -29,7 +29,7 @@ class SamplerOptions:
     # its shift); cps: RTDMD's coefficients-preserving step on the flow-match schedule (SD3; with --eta, --sigmas)
     scheduler: Annotated[Literal["ddim", "pipeline", "cps"] | None, tyro.conf.arg(aliases=("--sampler",))] = None
     sigmas: tuple[float, ...] = ()  # cps only: the sigma schedule as given, already shifted, e.g. RTDMD's 1.0 0.9 0.75 0.5
-    resolution: int | None = None  # image side in pixels; default from the model config (512 for SD 1.5)
+    resolution: int | None = None  # image side in pixels; default from the model config (512 for SD 1.5); SD3 trains at 512
 
 
 @dataclass(kw_only=True)

@@ -35,8 +35,8 @@ FLOW_FAMILIES = {"sd3"}  # the network predicts a velocity; the scheduler is flo
 # Keyword arguments of from_pretrained that only some pipeline classes accept (others would warn).
 LOAD_KWARGS = {"sd": {"safety_checker": None, "requires_safety_checker": False}, "sdxl": {}, "sd3": {}}
 # Defaults of real use that depend on the family, for the flags left unset (None): SD and SDXL as
-# NeMo-Aligner's DRaFT+; SD3 as FDFO samples (40 steps) and as FDFO and RTDMD train (LoRA rank 32,
-# alpha 64, 512 px), with the CFG scale of SD3.5 Medium's model card.
+# NeMo-Aligner's DRaFT+; SD3 as FDFO samples (40 steps; CFG 4.5, its eval/models.py run_pipe default)
+# and as FDFO and RTDMD train (LoRA rank 32, alpha 64, 512 px).
 FAMILY_DEFAULTS = {
     "sd": dict(scheduler="ddim", inference_steps=50, guidance_scale=7.5, lora_rank=32, lora_alpha=32.0),
     "sdxl": dict(scheduler="ddim", inference_steps=50, guidance_scale=7.5, lora_rank=32, lora_alpha=32.0),
@@ -46,6 +46,7 @@ FAMILY_DEFAULTS = {
 # LoRA state dicts saved with torch.save (RTDMD's) do not record alpha; RTDMD trains and loads with 64.
 RTDMD_LORA_ALPHA = 64.0
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 @dataclass(frozen=True)
@@ -137,9 +138,6 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.floa
         if isinstance(part, torch.nn.Module) and not (text.offload and name in TEXT_ENCODERS):
             part.to(device)
     return DiffusionModel(pipe=pipe, family=family, text=text)
-
-
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def _components_left_out(model: str, text: TextEncoding) -> dict:
@@ -580,7 +578,8 @@ def model_name(checkpoint: str) -> str | None:
     if os.path.isfile(checkpoint):
         return None
     if not os.path.isdir(checkpoint):
-        raise UsageError(f"checkpoint {checkpoint!r} is not a folder; give one such as RUN_DIR/checkpoints/step-0001000")
+        raise UsageError(f"checkpoint {checkpoint!r} is not a folder (nor a LoRA file); give one such as "
+                         "RUN_DIR/checkpoints/step-0001000")
     try:
         with open(os.path.join(checkpoint, "config.json")) as f:
             return json.load(f)["model"]

@@ -296,6 +296,7 @@ def test_checkpoint_of_another_base_model_ends_the_script_in_one_line(checkpoint
         (["--checkpoint", "{tmp}/missing"], "is not a folder"),
         (["--checkpoint", "{tmp}"], "does not record its base model; name it with --model"),
         (["--checkpoint", "{tmp}/weightless"], "has neither pytorch_lora_weights.safetensors nor a unet/ folder"),
+        (["--checkpoint"], "--checkpoint needs at least one checkpoint"),
         (["--weighing", "power_x"], "invalid weighing 'power_x'"),
         (["--weighing", ""], "no weighing given"),
         (["--score", "pickscore", "--num-images", "1"], "--num-images 2 or more"),
