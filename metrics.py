@@ -19,10 +19,16 @@ fine-tuned checkpoint or any annealed mix of the two, generated here or read fro
         --sigmas 1.0 0.9 0.75 0.5 --guidance-scale 1 --prompt-set hpdv2 --num-prompts 3200 --num-repeats 4 \
         --metrics hpsv2 clip_h14 clip_l14 dreamsim_diversity --out out/rtdmd-hpdv2.json
 
-Metrics. pickscore, hpsv2, hpsv21, aesthetic, clip_l14, clip_h14: the rewards of rewards.py, averaged
-over a prompt's images. dreamsim_diversity: per prompt, the mean DreamSim distance over the pairs of
-its images, where distance = 1 - cosine similarity of the DreamSim embeddings (the package's own
-definition); the embeddings are unit vectors, so this is half their squared Euclidean distance.
+Metrics. pickscore, hpsv2, hpsv21, aesthetic, clip_l14, clip_h14, imagereward, vlm_alignment,
+vlm_quality, vlm_photo: the rewards of rewards.py, averaged over a prompt's images. dreamsim_diversity:
+per prompt, the mean over the pairs of its images of the squared distance between their DreamSim
+embeddings, as FDFO computes it; the embeddings are unit vectors, so this is 2 (1 - cosine similarity),
+twice DreamSim's own distance.
+
+Each metric is printed and written on the scale of the published tables it is compared with: hpsv2 and
+hpsv21 as 100 x cosine (the HPSv2 benchmark's and FDFO's), the training reward being the cosine itself;
+every other reward on its own scale. The JSON states each metric's convention in its `statistics` block
+and keeps the values on the natural scale too (`raw`: hpsv2's cosine, DreamSim's 1 - cos).
 
 gold_aesthetic, gold_fidelity, gold_shape, gold_diversity: the demo world's evaluator, read from
 pixels with no learned part (demo_world.py); gold_diversity is the mean RMS pixel distance over pairs.
@@ -65,16 +71,17 @@ PROMPT_FILE = re.compile(r"prompt_(\d+)\.txt")
 GENERATION_FIELDS = ("checkpoint", "model", "weighing", "prompt_set", "num_repeats", "seed", "inference_steps",
                      "guidance_scale", "eta", "scheduler", "sigmas", "resolution", "max_sequence_length", "no_t5",
                      "offload_text_encoders", "lora_alpha")
-STATISTICS = ("per prompt: a reward is the mean over its images, dreamsim_diversity the mean DreamSim distance "
-              "(1 - cosine similarity) over pairs of its images; per metric: mean over prompts, std (n - 1) of "
-              "the per-prompt values, 95% Student-t confidence interval of the mean")
+STATISTICS = ("per prompt: a reward is the mean over its images, a diversity the mean over pairs of its images; "
+              "per metric: mean over prompts, std (n - 1) of the per-prompt values, 95% Student-t confidence "
+              "interval of the mean; values on the scale `conventions` states, `raw` the same on the metric's "
+              "natural scale (value / scale)")
 
 
 @dataclass(kw_only=True)
 class MetricsConfig(generation.InferenceOptions, generation.RewardSourceOption):
     # a set of defaults: "demo" evaluates the demo world (see PRESETS); other flags still override it
     preset: Literal["none", "demo"] = "none"
-    # metrics: rewards (pickscore hpsv2 hpsv21 aesthetic clip_l14 clip_h14) and dreamsim_diversity
+    # metrics: rewards (pickscore hpsv2 hpsv21 aesthetic clip_l14 clip_h14 imagereward vlm_*) and dreamsim_diversity
     metrics: tuple[str, ...] = ("pickscore",)
     # tuned weights to evaluate, applied in order: training checkpoint folders, FDFO adapter folders, RTDMD .pt
     # LoRAs (stacked: cold start, then RL); none: the base model alone
@@ -117,6 +124,8 @@ class MetricSpec:
     load: Callable[[MetricSetup], PerImage]
     per_prompt: Callable[[torch.Tensor], float]  # the stacked per-image values of one prompt -> its value
     min_repeats: int = 1  # images a prompt needs
+    convention: str = ""  # what the value is, and whose published tables report it so
+    scale: float = 1.0  # printed and written value = scale x natural value (that of the reward or package)
 
 
 def load_reward_metric(name: str, setup: MetricSetup) -> PerImage:
@@ -147,10 +156,14 @@ def load_dreamsim(setup: MetricSetup) -> PerImage:
             f"(it fetches {dreamsim_weights['ensemble']} and the DINO ViT-B/16 of torch.hub into that folder), "
             "or copy such a folder here and pass --dreamsim-cache FOLDER"
         ) from None
+    return dreamsim_embedder(model, preprocess, setup.device)
 
+
+def dreamsim_embedder(model: torch.nn.Module, preprocess: Callable, device: torch.device) -> PerImage:
+    """Images [B,3,H,W] in [0,1] -> embeddings [B, D] through a model and preprocess of the dreamsim package."""
     def embed(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         # The package's own PIL preprocessing (bicubic resize to 224), as its published numbers used.
-        pixels = torch.cat([preprocess(image) for image in utils.to_pil(images)]).to(setup.device)
+        pixels = torch.cat([preprocess(image) for image in utils.to_pil(images)]).to(device)
         return model.embed(pixels).float().cpu()
 
     return embed
@@ -188,16 +201,40 @@ def mean_pairwise_rms_distance(pixels: torch.Tensor) -> float:
     return (pixels[first].double() - pixels[second].double()).pow(2).mean(-1).sqrt().mean().item()
 
 
+CLIP_SCORE = "logit_scale.exp() (100) x cosine, the CLIP score as FDFO reports it"
+VLM_SCORE = "100 x sigmoid(logit Yes - logit No) of FDFO's question to the judge, as FDFO reports it"
+HPS_SCORE = "100 x cosine, as the HPSv2 benchmark and FDFO report it (raw: the cosine, the reward's scale)"
+# The scale of each reward as a metric, and the tables it compares with.
+REWARD_CONVENTIONS = {
+    "pickscore": ("logit_scale.exp() x cosine, as PickScore's model card and FDFO report it", 1.0),
+    "hpsv2": (HPS_SCORE, 100.0),
+    "hpsv21": (HPS_SCORE, 100.0),
+    "aesthetic": ("the LAION improved-aesthetic-predictor's AVA 1-10 scale", 1.0),
+    "clip_l14": (CLIP_SCORE, 1.0),
+    "clip_h14": (CLIP_SCORE, 1.0),
+    "imagereward": ("(mlp - 0.16717) / 1.03334, the ImageReward package's score", 1.0),
+    **dict.fromkeys(rewards.VLM_QUESTIONS, (VLM_SCORE, 1.0)),
+}
+DREAMSIM_DIVERSITY = ("mean over pairs of a prompt's images of the squared distance between DreamSim's unit "
+                      "embeddings, 2 (1 - cos), as FDFO computes it (raw: 1 - cos, DreamSim's own distance)")
+GOLD = "the demo world's pixel-level evaluator (demo_world.py)"
+
 # Every metric by name. gold_*: the demo world's evaluator (demo_world.py), computed from pixels with no
 # learned part; gold_diversity is per prompt the mean RMS pixel distance over pairs of its images.
 METRICS = {
-    **{name: MetricSpec(functools.partial(load_reward_metric, name), mean_over_repeats)
+    **{name: MetricSpec(functools.partial(load_reward_metric, name), mean_over_repeats,
+                        convention=REWARD_CONVENTIONS[name][0], scale=REWARD_CONVENTIONS[name][1])
        for name in rewards.REWARD_NAMES},
-    "dreamsim_diversity": MetricSpec(load_dreamsim, mean_pairwise_cosine_distance, min_repeats=2),
-    "gold_aesthetic": MetricSpec(functools.partial(load_gold, demo_world.gold_aesthetic), mean_over_repeats),
-    "gold_fidelity": MetricSpec(functools.partial(load_gold, demo_world.gold_fidelity), mean_over_repeats),
-    "gold_shape": MetricSpec(functools.partial(load_gold, demo_world.gold_shape), mean_over_repeats),
-    "gold_diversity": MetricSpec(functools.partial(load_gold, flat_pixels), mean_pairwise_rms_distance, min_repeats=2),
+    "dreamsim_diversity": MetricSpec(load_dreamsim, mean_pairwise_cosine_distance, min_repeats=2,
+                                     convention=DREAMSIM_DIVERSITY, scale=2.0),
+    "gold_aesthetic": MetricSpec(functools.partial(load_gold, demo_world.gold_aesthetic), mean_over_repeats,
+                                 convention=GOLD + ": contrast x size x centring, in [0, 1]"),
+    "gold_fidelity": MetricSpec(functools.partial(load_gold, demo_world.gold_fidelity), mean_over_repeats,
+                                convention=GOLD + ": fraction of images with the prompted colours"),
+    "gold_shape": MetricSpec(functools.partial(load_gold, demo_world.gold_shape), mean_over_repeats,
+                             convention=GOLD + ": fraction of images with the prompted shape"),
+    "gold_diversity": MetricSpec(functools.partial(load_gold, flat_pixels), mean_pairwise_rms_distance, min_repeats=2,
+                                 convention=GOLD + ": mean RMS pixel distance over pairs, pixels in [0, 1]"),
 }
 
 
@@ -400,7 +437,8 @@ def score_share(image_sets: list[ImageSet], metrics: dict[str, PerImage], images
 
 
 def prompt_record(image_set: ImageSet, prompt: int, collected: dict[str, list[torch.Tensor]]) -> dict:
-    values = {name: METRICS[name].per_prompt(torch.stack(per_image)) for name, per_image in collected.items()}
+    values = {name: METRICS[name].scale * METRICS[name].per_prompt(torch.stack(per_image))
+              for name, per_image in collected.items()}
     return {"prompt_index": prompt, "prompt": image_set.prompts[prompt], "num_images": image_set.repeats[prompt],
             **values}
 
@@ -435,6 +473,16 @@ def mean_std_ci(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "ci95": [mean - half_width, mean + half_width]}
 
 
+def metric_summary(values: list[float], scale: float) -> dict:
+    """The statistics of a metric's per-prompt values, and of the same on its natural scale."""
+    return {**mean_std_ci(values), "raw": mean_std_ci([value / scale for value in values])}
+
+
+def statistics_block(names: list[str]) -> dict:
+    return {"summary": STATISTICS, "conventions": {name: {"convention": METRICS[name].convention,
+                                                          "scale": METRICS[name].scale} for name in names}}
+
+
 def summarize(image_sets: list[ImageSet], names: list[str], records: list[tuple[str, dict]]) -> dict:
     results = {}
     for image_set in image_sets:
@@ -442,7 +490,7 @@ def summarize(image_sets: list[ImageSet], names: list[str], records: list[tuple[
                       key=lambda record: record["prompt_index"])
         results[image_set.name] = {
             "num_prompts": len(rows),
-            "metrics": {name: mean_std_ci([row[name] for row in rows]) for name in names},
+            "metrics": {name: metric_summary([row[name] for row in rows], METRICS[name].scale) for name in names},
             "per_prompt": rows,
         }
     return results
@@ -450,7 +498,9 @@ def summarize(image_sets: list[ImageSet], names: list[str], records: list[tuple[
 
 def results_table(results: dict, names: list[str]) -> str:
     head = ["images", "prompts", *names]
-    lines = ["mean ± half-width of its 95% confidence interval, over prompts",
+    scaled = [f"{name} = {METRICS[name].scale:g} x its natural value" for name in names if METRICS[name].scale != 1]
+    lines = ["mean ± half-width of its 95% confidence interval, over prompts"
+             + "".join(f"; {text}" for text in scaled),
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for set_name, result in results.items():
         cells = [set_name, str(result["num_prompts"])] + [_cell(result["metrics"][name]) for name in names]
@@ -498,7 +548,7 @@ def main(cfg: MetricsConfig, hps_arch: str = rewards.HPS_ARCH) -> None:
         print(results_table(results, names), end="", flush=True)
         if cfg.out is not None:
             config = resolved_config(cfg, names, image_sets)
-            utils.save_json(cfg.out, {"config": config, "statistics": STATISTICS, "results": results})
+            utils.save_json(cfg.out, {"config": config, "statistics": statistics_block(names), "results": results})
             print(f"wrote {cfg.out}", flush=True)
     utils.barrier()
     utils.shutdown_distributed()

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -16,7 +17,11 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from diffusers.utils.torch_utils import randn_tensor
 
+import utils
 from utils import UsageError
+
+# diffusers still passes this argument to huggingface_hub, which warns on every hub lookup.
+warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 _UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -98,11 +103,20 @@ class DiffusionModel:
         return (batch, self.denoiser.config.in_channels, side, side)
 
 
+def cache_only(model: str) -> bool:
+    """A hub id, with the hub out of reach: only the local cache can serve it."""
+    return not os.path.isdir(model) and not utils.hub_reachable()
+
+
 def detect_family(model: str) -> str:
     """The family from the pipeline folder's model_index.json; a hub id is looked up the same way."""
     try:
-        class_name = DiffusionPipeline.load_config(model)["_class_name"]
+        class_name = DiffusionPipeline.load_config(model, local_files_only=cache_only(model))["_class_name"]
     except Exception as error:  # hub, network and file errors alike end in one line
+        if cache_only(model):
+            raise UsageError(f"cannot load model {model!r}: the Hugging Face hub is unreachable from here and "
+                             "the model is not in the local cache; give a diffusers pipeline folder with --model PATH"
+                             ) from None
         raise UsageError(
             f"cannot load model {model!r} ({_first_line(error)}); give a diffusers pipeline folder "
             "with --model PATH, or a hub id that is cached or reachable"
@@ -120,7 +134,7 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.floa
     scheduler = scheduler or FAMILY_DEFAULTS[family]["scheduler"]
     quiet_loading()
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype,
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, local_files_only=cache_only(model),
                                                  **{**_components_left_out(model, text), **LOAD_KWARGS[family]})
     except Exception as error:
         raise UsageError(f"cannot load model {model!r}: {_first_line(error)}") from None
@@ -143,7 +157,7 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.floa
 def _components_left_out(model: str, text: TextEncoding) -> dict:
     """None for each component the folder was saved without (an SD3 folder without T5: diffusers
     loads it only when told so) and for T5 when it is not wanted."""
-    index = DiffusionPipeline.load_config(model)
+    index = DiffusionPipeline.load_config(model, local_files_only=cache_only(model))
     left_out = {name: None for name, entry in index.items() if entry == [None, None]}
     if not text.t5:
         left_out.update(text_encoder_3=None, tokenizer_3=None)
@@ -456,8 +470,6 @@ def load_checkpoint_for_inference(model: DiffusionModel, checkpoint: str, adapte
     LoRA layers the model lacks, RTDMD's loader skips them, and a full network of another shape
     would load on its own.
     """
-    import warnings
-
     from diffusers.utils import logging as diffusers_logging
     from peft.utils import get_peft_model_state_dict
 

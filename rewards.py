@@ -16,28 +16,53 @@ Rewards and where their weights come from (override any with `--reward-source NA
   embedding; score on the AVA 1-10 scale. PATH is either a folder holding the CLIP ViT-L/14
   checkpoint and `sac+logos+ava1-l14-linearMSE.pth`, or that .pth file alone (the backbone then comes
   from `openai/clip-vit-large-patch14`).
+- imagereward: `THUDM/ImageReward` (BLIP ViT-L image encoder, BERT text encoder cross-attending to
+  the image, MLP head); score = (mlp - 0.16717) / 1.03334 as the official package computes it. PATH is
+  a folder with `ImageReward.pt` and `med_config.json` (and the BERT tokenizer files, else those of
+  `google-bert/bert-base-uncased`).
+- vlm_alignment, vlm_quality, vlm_photo: `Qwen/Qwen2.5-VL-7B-Instruct` asked FDFO's yes/no questions;
+  score = 100 * sigmoid(logit Yes - logit No) at the last position. PATH is a `save_pretrained` folder
+  of any Qwen2.5-VL size (model and processor). One judge is loaded per process for all three.
 
 Default sources of single files are written `owner/repo/filename` (a Hugging Face hub file).
 """
 
 import contextlib
 import functools
+import json
 import math
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import utils
 from utils import UsageError
 
-REWARD_NAMES = ("pickscore", "hpsv2", "hpsv21", "aesthetic", "clip_l14", "clip_h14")
+# FDFO's yes/no questions to the VLM judge, word for word as its evaluation asks them
+# (NVlabs/finite-difference-flow-optimization, eval/calculate_metrics.py, VLM_QUESTIONS). Its training
+# reward asks the alignment question without "with" ('... Answer Yes or No.', fdfo/config.py); the
+# evaluation wording is the one its published figures were measured with.
+VLM_QUESTIONS = {
+    "vlm_alignment": 'Does this image match the caption "{prompt}"? Answer with Yes or No.',
+    "vlm_quality": "Is this image of professional quality? Answer with Yes or No.",
+    "vlm_photo": "Does this image look photorealistic? Answer with Yes or No.",
+}
+
+REWARD_NAMES = ("pickscore", "hpsv2", "hpsv21", "aesthetic", "clip_l14", "clip_h14", "imagereward", *VLM_QUESTIONS)
 
 LAION_VIT_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 OPENAI_VIT_L14 = "openai/clip-vit-large-patch14"
 AESTHETIC_WEIGHTS_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 HPS_ARCH = "ViT-H-14"
+QWEN_VL_7B = "Qwen/Qwen2.5-VL-7B-Instruct"
+IMAGEREWARD_FILE = "ImageReward.pt"
+MED_CONFIG_FILE = "med_config.json"
+# BLIP's tokenizer (ImageReward/models/BLIP/blip.py, init_tokenizer); the hub repo holds no tokenizer.
+BERT_BASE_UNCASED = "google-bert/bert-base-uncased"
 
 DEFAULT_SOURCES = {
     "pickscore": "yuvalkirstain/PickScore_v1",
@@ -46,6 +71,8 @@ DEFAULT_SOURCES = {
     "aesthetic": f"camenduru/improved-aesthetic-predictor/{AESTHETIC_WEIGHTS_FILE}",
     "clip_l14": OPENAI_VIT_L14,
     "clip_h14": LAION_VIT_H14,
+    "imagereward": "THUDM/ImageReward",
+    **dict.fromkeys(VLM_QUESTIONS, QWEN_VL_7B),
 }
 
 # Where the tokenizer and image-processor config come from when the model source has none
@@ -116,8 +143,9 @@ def load_reward(
         valid = ", ".join(REWARD_NAMES)
         raise UsageError(f"unknown reward {unknown[0]!r} in --reward-source; valid names: {valid}")
     locations = {**DEFAULT_SOURCES, **(sources or {})}
+    device = torch.device(device)
     rewards = {
-        name: _load_one(name, locations[name], dtype, gradient_checkpointing, hps_arch) for name, _ in names
+        name: _load_one(name, locations[name], dtype, device, gradient_checkpointing, hps_arch) for name, _ in names
     }
     return WeightedRewards(names, rewards).to(device)
 
@@ -147,11 +175,15 @@ class WeightedRewards(nn.Module):
         return sum(weight * self.rewards[name](images, prompts) for name, weight in self.names)
 
 
-def _load_one(name, source, dtype, gradient_checkpointing, hps_arch) -> nn.Module:
+def _load_one(name, source, dtype, device, gradient_checkpointing, hps_arch) -> nn.Module:
     if name in ("hpsv2", "hpsv21"):
         return _load_hps(name, source, dtype, gradient_checkpointing, hps_arch)
     if name == "aesthetic":
         return _load_aesthetic(name, source, dtype, gradient_checkpointing)
+    if name == "imagereward":
+        return _load_imagereward(name, source, dtype, gradient_checkpointing)
+    if name in VLM_QUESTIONS:
+        return _load_vlm_score(name, source, dtype, device, gradient_checkpointing)
     return _load_clip_score(name, source, dtype, gradient_checkpointing)
 
 
@@ -177,6 +209,11 @@ def _hub_errors_as_usage_errors(name: str, source: str):
         raise _cannot_load(name, source, reason) from error
 
 
+def _cache_only(source: str) -> bool:
+    """A hub id with the hub out of reach: load from the local cache at once instead of retrying."""
+    return not os.path.exists(source) and not utils.hub_reachable()
+
+
 def _check_local(name: str, source: str) -> str:
     """Expand '~'; a source spelled as a path must exist (hub ids never start with '/', '.' or '~')."""
     path = os.path.expanduser(source)
@@ -196,7 +233,7 @@ def _fetch_file(name: str, source: str) -> str:
     from huggingface_hub import hf_hub_download
 
     with _hub_errors_as_usage_errors(name, source):
-        return hf_hub_download(f"{repo_owner}/{repo_name}", filename)
+        return hf_hub_download(f"{repo_owner}/{repo_name}", filename, local_files_only=not utils.hub_reachable())
 
 
 # ---- preprocessing in torch -----------------------------------------------------------------------
@@ -216,17 +253,29 @@ def _resize_bicubic(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False)
 
 
-def clip_preprocess(images: torch.Tensor, shortest_edge: int, crop: tuple[int, int], mean, std) -> torch.Tensor:
-    """CLIPImageProcessor on a float tensor: shortest side to `shortest_edge`, center crop, mean/std."""
+def floor_half(excess: int) -> int:
+    """CLIPImageProcessor's centre-crop offset: floor division."""
+    return excess // 2
+
+
+def round_half(excess: int) -> int:
+    """torchvision CenterCrop's offset: int(round(excess / 2.0)), Python's round, so halves go to even."""
+    return round(excess / 2)
+
+
+def clip_preprocess(images: torch.Tensor, shortest_edge: int, crop: tuple[int, int], mean, std,
+                    crop_offset=floor_half) -> torch.Tensor:
+    """CLIPImageProcessor on a float tensor: shortest side to `shortest_edge`, center crop, mean/std.
+    With `crop_offset=round_half` it is torchvision's Resize(shortest_edge) + CenterCrop(crop) instead."""
     height, width = images.shape[-2:]
-    # CLIPImageProcessor truncates the long side (int, not round) and centers the crop with floor
-    # division; copying both keeps our pixels on the same grid as the processor's.
+    # Both truncate the long side (int, not round); copying that and the crop offset keeps our pixels
+    # on the same grid as theirs.
     if height <= width:
         size = (shortest_edge, int(shortest_edge * width / height))
     else:
         size = (int(shortest_edge * height / width), shortest_edge)
     images = _resize_bicubic(images, size)
-    top, left = (size[0] - crop[0]) // 2, (size[1] - crop[1]) // 2
+    top, left = crop_offset(size[0] - crop[0]), crop_offset(size[1] - crop[1])
     images = images[..., top : top + crop[0], left : left + crop[1]]
     return _normalize(images, mean, std)
 
@@ -278,9 +327,9 @@ def _load_clip(name: str, source: str, dtype, gradient_checkpointing: bool):
     has_processor = os.path.isfile(os.path.join(path, "preprocessor_config.json"))
     processor_source = path if has_processor else PROCESSOR_IDS[name]
     with _hub_errors_as_usage_errors(name, source):
-        model = CLIPModel.from_pretrained(path, dtype=dtype)
+        model = CLIPModel.from_pretrained(path, dtype=dtype, local_files_only=_cache_only(path))
     with _hub_errors_as_usage_errors(name, processor_source):
-        processor = CLIPProcessor.from_pretrained(processor_source)
+        processor = CLIPProcessor.from_pretrained(processor_source, local_files_only=_cache_only(processor_source))
     if gradient_checkpointing:
         _checkpoint_each(model.vision_model.encoder.layers)
     return model, processor
@@ -324,7 +373,8 @@ def _load_clip_score(name: str, source: str, dtype, gradient_checkpointing: bool
 
 
 class AestheticMLP(nn.Module):
-    """The improved-aesthetic-predictor head; attribute names match its weights file (layers.N.*)."""
+    """The improved-aesthetic-predictor head; attribute names match its weights file (layers.N.*).
+    ImageReward's head is the same MLP (its ImageReward.py says it is based on that predictor's code)."""
 
     def __init__(self, input_size: int):
         super().__init__()
@@ -410,3 +460,258 @@ def _load_hps(name: str, source: str, dtype, gradient_checkpointing: bool, arch:
     if gradient_checkpointing:
         model.visual.set_grad_checkpointing(True)
     return HPSScore(model.to(dtype), open_clip.get_tokenizer(arch))
+
+
+# ---- ImageReward (BLIP) ---------------------------------------------------------------------------
+
+# The official package's normalisation of the MLP output (THUDM/ImageReward, ImageReward/ImageReward.py).
+IMAGEREWARD_MEAN = 0.16717362830052426
+IMAGEREWARD_STD = 1.0333394966054072
+IMAGEREWARD_MAX_TOKENS = 35  # its tokenizer call: padding="max_length", truncation, max_length=35
+# Its torchvision Normalize: the OpenAI CLIP mean and std.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BLIP_HEAD_WIDTH = 64  # BLIP's ViT-B (768 wide, 12 heads) and ViT-L (1024, 16) both use 64-wide heads
+BLIP_VISION_PREFIX, BLIP_TEXT_PREFIX, HEAD_PREFIX = "blip.visual_encoder.", "blip.text_encoder.", "mlp."
+
+
+class ImageRewardScore(nn.Module):
+    """ImageReward: the [CLS] state of BERT cross-attending to the BLIP ViT's image tokens, through the MLP,
+    normalised as the official package does."""
+
+    def __init__(self, visual, text_encoder, mlp: AestheticMLP, tokenizer, image_size: int):
+        super().__init__()
+        self.visual = visual
+        self.text_encoder = text_encoder
+        self.mlp = mlp
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        # The package's transform: Resize(224, bicubic) of the shortest side, CenterCrop(224), CLIP mean/std.
+        pixel_values = clip_preprocess(images.float(), self.image_size, (self.image_size,) * 2, CLIP_MEAN, CLIP_STD,
+                                       crop_offset=round_half)
+        image_embeddings = self.visual.forward_features(pixel_values.to(self.visual.cls_token.dtype))
+        with torch.no_grad():
+            tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=IMAGEREWARD_MAX_TOKENS,
+                                    return_tensors="pt").to(images.device)
+        # No encoder mask: the package's is all ones.
+        text = self.text_encoder(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                                 encoder_hidden_states=image_embeddings)
+        return ((self.mlp(text.last_hidden_state[:, 0]) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD).float()
+
+
+def _imagereward_files(name: str, source: str) -> tuple[str, str, str]:
+    """(ImageReward.pt, med_config.json, tokenizer source) of a local folder or a hub repo id."""
+    path = _check_local(name, source)
+    if not os.path.isdir(path):
+        return (_fetch_file(name, f"{source}/{IMAGEREWARD_FILE}"), _fetch_file(name, f"{source}/{MED_CONFIG_FILE}"),
+                BERT_BASE_UNCASED)
+    files = [os.path.join(path, file) for file in (IMAGEREWARD_FILE, MED_CONFIG_FILE)]
+    missing = [os.path.basename(file) for file in files if not os.path.isfile(file)]
+    if missing:
+        raise _cannot_load(name, source, f"the folder has no {missing[0]}")
+    has_tokenizer = os.path.isfile(os.path.join(path, "vocab.txt"))
+    return files[0], files[1], path if has_tokenizer else BERT_BASE_UNCASED
+
+
+def _split_imagereward_weights(name: str, source: str, state_dict: dict) -> tuple[dict, dict, dict]:
+    """The ViT, BERT and MLP weights of ImageReward.pt by module. Like the package's non-strict load, other
+    entries (BLIP's contrastive projections) go unused."""
+    vision, text, head = ({key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
+                          for prefix in (BLIP_VISION_PREFIX, BLIP_TEXT_PREFIX, HEAD_PREFIX))
+    if not (vision and text and head):
+        raise _cannot_load(name, source, "no blip.visual_encoder / blip.text_encoder / mlp weights")
+    text.pop("embeddings.position_ids", None)  # med.py's persistent buffer; BlipTextModel makes its own
+    return vision, text, head
+
+
+def _load_imagereward_weights(module: nn.Module, weights: dict, name: str, source: str) -> None:
+    """Every weight of the module from the checkpoint, and nothing the module lacks."""
+    try:
+        result = module.load_state_dict(weights, strict=False)
+    except RuntimeError as error:  # a shape mismatch, named on the last line of torch's message
+        raise _cannot_load(name, source, f"its weights do not fit: {str(error).splitlines()[-1].strip()}") from None
+    if result.missing_keys or result.unexpected_keys:
+        problem = f"lacks {result.missing_keys[0]!r}" if result.missing_keys else f"has {result.unexpected_keys[0]!r}"
+        raise _cannot_load(name, source, f"the checkpoint {problem}, not ImageReward's layout")
+
+
+def _blip_vit(weights: dict) -> nn.Module:
+    """BLIP's ViT (models/BLIP/vit.py) is timm's VisionTransformer with the same parameter names; its shape
+    is read from the weights (patch size, grid, width, depth, MLP width), its 64-wide heads from BLIP."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    width = weights["cls_token"].shape[-1]
+    patch = weights["patch_embed.proj.weight"].shape[-1]
+    grid = math.isqrt(weights["pos_embed"].shape[1] - 1)
+    depth = len({key.split(".")[1] for key in weights if key.startswith("blocks.")})
+    vit = VisionTransformer(img_size=grid * patch, patch_size=patch, embed_dim=width, depth=depth,
+                            num_heads=width // BLIP_HEAD_WIDTH, mlp_ratio=weights["blocks.0.mlp.fc1.weight"].shape[0] / width,
+                            qkv_bias=True, class_token=True, global_pool="", num_classes=0,
+                            norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))
+    return vit
+
+
+def _blip_text_encoder(med_config_file: str, encoder_width: int, tokenizer) -> nn.Module:
+    """BLIP's med.py BertModel is transformers' BlipTextModel (same parameter names), configured from
+    med_config.json; as BLIP_Pretrain does, the cross-attention width is the ViT's, not the file's."""
+    from transformers import BlipTextConfig, BlipTextModel
+
+    with open(med_config_file) as f:
+        med = json.load(f)
+    config = BlipTextConfig(
+        vocab_size=med["vocab_size"], hidden_size=med["hidden_size"], encoder_hidden_size=encoder_width,
+        intermediate_size=med["intermediate_size"], num_hidden_layers=med["num_hidden_layers"],
+        num_attention_heads=med["num_attention_heads"], max_position_embeddings=med["max_position_embeddings"],
+        hidden_act=med["hidden_act"], layer_norm_eps=med["layer_norm_eps"], pad_token_id=med["pad_token_id"],
+        bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
+        # BlipTextModel builds the cross-attention layers of med_config's add_cross_attention for a decoder
+        # config; it attends bidirectionally all the same, since forward is called with is_decoder=False.
+        is_decoder=med["add_cross_attention"],
+    )
+    return BlipTextModel(config, add_pooling_layer=False)
+
+
+def _blip_tokenizer(name: str, source: str):
+    from transformers import BertTokenizer
+
+    with _hub_errors_as_usage_errors(name, source):
+        tokenizer = BertTokenizer.from_pretrained(source, local_files_only=_cache_only(source))
+    # BLIP's init_tokenizer adds these two; ImageReward's embedding table has their rows (30522, 30523).
+    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    return tokenizer
+
+
+def _load_imagereward(name: str, source: str, dtype, gradient_checkpointing: bool) -> ImageRewardScore:
+    checkpoint_file, med_config_file, tokenizer_source = _imagereward_files(name, source)
+    state_dict = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
+    vision_weights, text_weights, head_weights = _split_imagereward_weights(name, source, state_dict)
+    tokenizer = _blip_tokenizer(name, tokenizer_source)
+    try:
+        visual = _blip_vit(vision_weights)
+        text_encoder = _blip_text_encoder(med_config_file, visual.embed_dim, tokenizer)
+        mlp = AestheticMLP(head_weights["layers.0.weight"].shape[1])
+    except KeyError as error:
+        raise _cannot_load(name, source, f"no {error} in the checkpoint or med_config.json") from None
+    for module, weights in ((visual, vision_weights), (text_encoder, text_weights), (mlp, head_weights)):
+        _load_imagereward_weights(module, weights, name, source)
+    if gradient_checkpointing:
+        visual.set_grad_checkpointing(True)
+        _checkpoint_each(text_encoder.encoder.layer)
+    image_size = visual.patch_embed.img_size[0]
+    return ImageRewardScore(visual.to(dtype), text_encoder.to(dtype), mlp.to(dtype), tokenizer, image_size)
+
+
+# ---- VLM judge: Qwen2.5-VL asked yes/no questions (FDFO) ------------------------------------------
+
+# Qwen2.5-VL's chat format with its default system prompt and the image before the question, as FDFO
+# writes it out (eval/models.py VLM.CHAT_TEMPLATE, fdfo/rewards.py): what the model's own chat template
+# makes of one user turn with an image and a text, plus the assistant header.
+QWEN_CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+             "<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n")
+# FDFO's training reward resizes every image to 504 x 504, bilinear (fdfo/rewards.py); that is also the
+# grid (18 x 28) the processor's own smart resize picks for the 512 px images FDFO evaluates.
+VLM_IMAGE_SIZE = 504
+VLM_ANSWERS = ("Yes", "No")
+
+
+def resize_for_qwen_vl(images: torch.Tensor) -> torch.Tensor:
+    """FDFO's resize: any size to 504 x 504, bilinear, in float32."""
+    return F.interpolate(images.float(), size=(VLM_IMAGE_SIZE,) * 2, mode="bilinear", align_corners=False)
+
+
+def qwen_vl_pixel_values(images: torch.Tensor, image_processor) -> torch.Tensor:
+    """Qwen2VLImageProcessor's `pixel_values` for float images [B, 3, 504, 504] in [0, 1], in torch:
+    mean/std, then its patch layout, [B * grid * grid, C * frames * patch * patch]."""
+    patch, merge, frames = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
+    images = _normalize(images, image_processor.image_mean, image_processor.image_std)
+    batch, channels, size = images.shape[:3]
+    blocks = size // (patch * merge)
+    patches = images.reshape(batch, channels, blocks, merge, patch, blocks, merge, patch)
+    # Patches go block by block, the merge x merge neighbours that the patch merger fuses next to each other;
+    # each is flattened channel-major over `frames` copies of itself (a still image is a clip of equal frames).
+    patches = patches.permute(0, 2, 5, 3, 6, 1, 4, 7).unsqueeze(6)
+    patches = patches.expand(-1, -1, -1, -1, -1, -1, frames, -1, -1)
+    return patches.reshape(batch * (blocks * merge) ** 2, channels * frames * patch * patch)
+
+
+class QwenJudge(nn.Module):
+    """A Qwen2.5-VL model answering a yes/no question about each image: 100 * sigmoid(logit Yes - logit No)
+    at the last position, differentiable w.r.t. the images."""
+
+    def __init__(self, model, processor, answer_ids: tuple[int, int]):
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.answer_ids = list(answer_ids)
+
+    def forward(self, images: torch.Tensor, questions: list[str]) -> torch.Tensor:
+        resized = resize_for_qwen_vl(images)
+        with torch.no_grad():
+            # FDFO's processor call: its token ids, masks and image grid; its pixel values carry no graph, so
+            # ours replace them.
+            inputs = self.processor(text=[QWEN_CHAT.format(question) for question in questions], images=resized.detach(),
+                                    padding=True, images_kwargs={"do_rescale": False, "do_resize": False},
+                                    return_tensors="pt").to(images.device)
+        pixel_values = qwen_vl_pixel_values(resized, self.processor.image_processor).to(self.model.dtype)
+        # Left padding puts every row's last token at the end.
+        hidden = self.model.model(**{**inputs, "pixel_values": pixel_values}, use_cache=False).last_hidden_state[:, -1]
+        return torch.sigmoid(self._yes_minus_no(hidden)) * 100
+
+    def _yes_minus_no(self, hidden: torch.Tensor) -> torch.Tensor:
+        """logit[Yes] - logit[No] from the Yes and No rows of the output projection alone, in float32 even
+        under autocast: bf16 logits between 16 and 32 are 0.125 apart, up to 3 points of score."""
+        head = self.model.get_output_embeddings()
+        bias = None if head.bias is None else head.bias[self.answer_ids].float()
+        with torch.autocast(hidden.device.type, enabled=False):
+            yes, no = F.linear(hidden.float(), head.weight[self.answer_ids].float(), bias).unbind(-1)
+        return yes - no
+
+
+class VLMScore(nn.Module):
+    """One of FDFO's questions (VLM_QUESTIONS) to a shared judge; the prompt goes into the alignment question."""
+
+    def __init__(self, judge: QwenJudge, question: str):
+        super().__init__()
+        self.judge = judge
+        self.question = question
+
+    def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return self.judge(images, [self.question.format(prompt=prompt) for prompt in prompts])
+
+
+# Judges loaded in this process, kept while a reward uses one: vlm_alignment, vlm_quality and vlm_photo
+# (and metrics.py's separate loads of them) share one copy of a 7B model.
+_JUDGES: "weakref.WeakValueDictionary[tuple, QwenJudge]" = weakref.WeakValueDictionary()
+
+
+def _load_vlm_score(name: str, source: str, dtype, device: torch.device, gradient_checkpointing: bool) -> VLMScore:
+    path = _check_local(name, source)
+    # bf16 on a GPU whatever the other rewards get: FDFO trains and evaluates with a bf16 judge, and the
+    # 7B judge takes 16.6 GB so (33 GB in float32).
+    dtype = torch.bfloat16 if device.type == "cuda" else dtype
+    key = (os.path.abspath(path) if os.path.exists(path) else source, dtype, device, gradient_checkpointing)
+    judge = _JUDGES.get(key)
+    if judge is None:
+        judge = _JUDGES[key] = _load_judge(name, source, path, dtype, device, gradient_checkpointing)
+    return VLMScore(judge, VLM_QUESTIONS[name])
+
+
+def _load_judge(name: str, source: str, path: str, dtype, device: torch.device, gradient_checkpointing: bool) -> QwenJudge:
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    with _hub_errors_as_usage_errors(name, source):
+        # Straight onto the device: under torchrun every rank of a node loads its own copy.
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, device_map=str(device),
+                                                                   local_files_only=_cache_only(path))
+        processor = AutoProcessor.from_pretrained(path, local_files_only=_cache_only(path))
+    processor.tokenizer.padding_side = "left"
+    vocab = processor.tokenizer.get_vocab()
+    missing = [answer for answer in VLM_ANSWERS if answer not in vocab]
+    if missing:
+        raise _cannot_load(name, source, f"its tokenizer has no {missing[0]!r} token to score the answer with")
+    if gradient_checkpointing:
+        _checkpoint_each(model.model.visual.blocks)
+        _checkpoint_each(model.model.language_model.layers)
+    return QwenJudge(model, processor, tuple(vocab[answer] for answer in VLM_ANSWERS))

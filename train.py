@@ -47,8 +47,8 @@ def hold_run_dir(cfg: TrainConfig, dist: utils.Dist):
 def main(cfg: TrainConfig) -> None:
     training.validate(cfg)
     dist = utils.init_distributed(cfg.device)
-    cfg = training.resolved(cfg, models.detect_family(cfg.model))
     cfg = training.check_same_run(cfg, dist.world_size)
+    cfg = training.resolved(cfg, models.detect_family(cfg.model))
     # A run dir that exists may be another training's: find out before minutes of loading. A new one is
     # created only once everything has loaded, so that bad input leaves nothing behind.
     lock = hold_run_dir(cfg, dist) if os.path.isdir(cfg.run_dir) else None

@@ -317,6 +317,9 @@ def restore_checkpoint(trainer: Trainer, folder: str) -> int:
         raise UsageError(f"cannot resume from {folder!r} ({text}); move it away to resume from an earlier one") from None
 
 
+# Flags whose default depends on the model family: None until the family is read from the model folder
+# (every family defaults the same flags; SD3 also the training resolution).
+FAMILY_DEFAULTED = (*models.FAMILY_DEFAULTS["sd"], "resolution")
 # Fields a resume may change: they shape neither the weights nor the data order.
 MUTABLE_ON_RESUME = {"steps", "save_every", "val_every", "log_every", "wandb", "wandb_project", "device",
                      "offload_text_encoders"}
@@ -336,6 +339,9 @@ def check_same_run(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if world_size != previous_world:
         cfg = keep_global_batch(cfg, previous, previous_world, world_size)
         free = free | {"grad_accum"}
+    # Left to the family, a flag takes what the run recorded: the same model (compared below) has the same
+    # defaults, and the check comes before the model is looked at, so that it is the one reported.
+    cfg = replace(cfg, **{key: previous[key] for key in FAMILY_DEFAULTED if getattr(cfg, key) is None and key in previous})
     # A flag newer than the run dir's config.json had its default in that run.
     defaults = {f.name: f.default for f in fields(cfg)}
     for key, value in asdict(cfg).items():

@@ -104,6 +104,27 @@ def init_distributed(device: str = "auto") -> Dist:
     return Dist(rank, world_size, local_rank, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
 
 
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub can be reached. Loaders pass `local_files_only` when it cannot, so
+    that a cached model loads at once and a missing one fails in one line, not after a minute of
+    retry warnings. Behind a proxy the direct probe would fail, so the hub is then assumed reachable."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+    except OSError:
+        return False
+    return True
+
+
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

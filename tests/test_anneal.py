@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from PIL import Image
 import anneal
 import generation
 import models
+import rewards
 import sampling
 import tiny_rewards
 import utils
@@ -33,6 +35,7 @@ RUN_FLAGS = ["--prompt", *PROMPTS, "--num-images", "2", "--inference-steps", str
 def write_lora_checkpoint(folder: str, base_model: str, perturb: float = 0.1) -> str:
     """A checkpoint as train.py writes it: the LoRA weights and config.json naming the base model."""
     model = models.load_model(base_model, CPU)
+    torch.manual_seed(0)  # the A matrices: from the global generator, whose state depends on the tests run before
     models.attach_lora(model, rank=4, alpha=4)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -54,13 +57,7 @@ def write_other_base_model(folder: str, tiny_sd: str, **unet_changes) -> str:
     return folder
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine threads only contend."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -332,3 +329,27 @@ def test_unwritable_output_folder_exits_2_with_one_line(checkpoint, tmp_path, ca
     assert code == 2
     assert err.startswith(f"error: cannot create folder '{blocker / 'out'}'") and err.count("\n") == 1, err
     assert os.listdir(tmp_path) == ["a_file"]
+
+
+def test_each_rank_grids_and_measures_its_own_prompts_from_its_own_images(single_run, checkpoint, tiny_clip, tmp_path):
+    """Nodes need not share a filesystem: each rank's out folder stands for one node's disk, and
+    together the two reproduce the one-process figures."""
+    out, args, _ = single_run
+    cfg = tyro.cli(anneal.AnnealConfig, args=args)
+    model, cfg = generation.load_for_inference(cfg, cfg.checkpoint, CPU)
+    reward = rewards.load_reward("pickscore", {"pickscore": tiny_clip}, device=CPU)
+    weighings, all_prompts = anneal.weighing_names(cfg), anneal.chosen_prompts(cfg)
+    records, diversities = [], {}
+    for rank in (0, 1):
+        node = replace(cfg, out=str(tmp_path / f"node{rank}"))
+        mine, measured = anneal.render_and_score_share(node, model, reward, weighings, all_prompts,
+                                                       utils.Dist(rank, 2, rank, CPU))
+        records += mine
+        diversities.update(measured)
+        prompts_here = {rec["prompt_index"] for rec in mine}
+        assert files_under(tmp_path / f"node{rank}" / "grids") == [f"grid_{p:05d}.png" for p in sorted(prompts_here)]
+    assert len(records) == 12 and len(diversities) == len(weighings) * len(all_prompts)
+    rows = anneal.summarize(cfg, weighings, records, diversities, len(all_prompts))
+    expected = json.loads((out / "tradeoff.json").read_text())["weighings"]
+    for row, reference in zip(rows, expected):
+        assert row == pytest.approx(reference, abs=1e-6)

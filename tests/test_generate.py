@@ -13,9 +13,10 @@ import generation
 import models
 import utils
 from test_anneal import (  # noqa: F401  (fixtures are used by name)
-    CPU, PROMPTS, RES, STEPS, checkpoint, files_under, one_thread, run_script, write_lora_checkpoint,
-    write_other_base_model,
+    CPU, PROMPTS, RES, STEPS, checkpoint, files_under, run_script, write_lora_checkpoint, write_other_base_model,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FLAGS = ["--prompt", *PROMPTS, "--num-images", "2", "--inference-steps", str(STEPS), "--guidance-scale", "3.0",
          "--resolution", str(RES), "--batch-size", "3"]

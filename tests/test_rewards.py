@@ -5,6 +5,7 @@ tests/tiny_rewards.py and opened through `rewards.load_reward`, the path real ch
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -69,7 +70,13 @@ def aesthetic_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def load_tiny(clip_folder, hps_checkpoint, aesthetic_folder):
+def imagereward(tmp_path_factory):
+    """(folder, (vit, text encoder, mlp, tokenizer) the checkpoint was written from)."""
+    return tiny_rewards.make_tiny_imagereward(str(tmp_path_factory.mktemp("imagereward")), seed=2)
+
+
+@pytest.fixture(scope="module")
+def load_tiny(clip_folder, hps_checkpoint, aesthetic_folder, imagereward):
     """load_reward with every reward pointed at its tiny checkpoint."""
     hps_path, hps_arch = hps_checkpoint
     sources = {
@@ -79,6 +86,7 @@ def load_tiny(clip_folder, hps_checkpoint, aesthetic_folder):
         "hpsv2": hps_path,
         "hpsv21": hps_path,
         "aesthetic": aesthetic_folder,
+        "imagereward": imagereward[0],
     }
 
     loaded = {}
@@ -156,6 +164,25 @@ def test_hps_preprocessing_matches_open_clip_transform(load_tiny, hps_reference,
     assert_pixels_close(ours, reference, hps.std)
 
 
+def imagereward_transform(size):
+    """The ImageReward package's transform, as its ImageReward.py writes it."""
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+    return Compose([Resize(size, interpolation=InterpolationMode.BICUBIC), CenterCrop(size),
+                    lambda image: image.convert("RGB"), ToTensor(),
+                    Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+
+
+@pytest.mark.parametrize("size", [(32, 32), *RESAMPLED_SIZES])
+def test_imagereward_preprocessing_matches_the_packages_transform(load_tiny, size):
+    # (40, 59) resizes to 32x47: torchvision centres that crop at round(7.5) = 8, CLIPImageProcessor at 7.
+    images = smooth_uint8_images(3, *size)
+    reference = torch.stack([imagereward_transform(tiny_rewards.IMAGE_SIZE)(image) for image in as_pil(images)])
+    ours = rewards.clip_preprocess(as_float(images), tiny_rewards.IMAGE_SIZE, (tiny_rewards.IMAGE_SIZE,) * 2,
+                                   rewards.CLIP_MEAN, rewards.CLIP_STD, crop_offset=rewards.round_half)
+    assert_pixels_close(ours, reference, rewards.CLIP_STD)
+
+
 # ---- scores against the official APIs -------------------------------------------------------------
 
 SCORE_CASES = [((32, 32), EXACT_COSINE_TOLERANCE), ((40, 59), RESAMPLED_COSINE_TOLERANCE),
@@ -213,12 +240,54 @@ def test_aesthetic_score_matches_laion_reference(load_tiny, aesthetic_folder, si
     assert not torch.equal(ours, ours.flip(0)), "scores should differ between images"
 
 
+def test_imagereward_checkpoint_has_the_packages_layout(imagereward):
+    # The writer names weights after timm's ViT and transformers' BLIP text model; the keys must be those
+    # the package's own modules define, or a real ImageReward.pt would not load the same way.
+    state_dict = torch.load(os.path.join(imagereward[0], rewards.IMAGEREWARD_FILE), weights_only=True)
+    assert set(state_dict) == tiny_rewards.imagereward_checkpoint_keys()
+
+
+# In ImageReward score units (roughly unit spread on real images; the tiny model's scores lie within 1e-3
+# of 0.066). Without resampling both paths run the same modules on the same pixels up to a float32 ulp:
+# measured 4.5e-8. With resampling the pixel differences pinned by the preprocessing test above move the
+# tiny model's score by up to 1e-5 (measured), a tenth of what another image does.
+IMAGEREWARD_CASES = [((32, 32), 1e-6), ((40, 59), 3e-5), ((200, 300), 3e-5)]
+
+
+@pytest.mark.parametrize("size,tolerance", IMAGEREWARD_CASES)
+def test_imagereward_score_matches_the_packages_formula(load_tiny, imagereward, size, tolerance):
+    # As ImageReward.score computes it, image by image: its transform, its tokenizer call, the ViT's tokens
+    # as cross-attention input, the [CLS] state through the MLP, then its normalisation.
+    _, (vit, text_encoder, mlp, tokenizer) = imagereward
+    images = smooth_uint8_images(3, *size, seed=8)
+    transform = imagereward_transform(tiny_rewards.IMAGE_SIZE)
+    reference = []
+    with torch.no_grad():
+        for image, prompt in zip(as_pil(images), PROMPTS):
+            tokens = tokenizer(prompt, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+            image_embeds = vit.forward_features(transform(image).unsqueeze(0))
+            text_output = text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask,
+                                       encoder_hidden_states=image_embeds,
+                                       encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long))
+            reward = mlp(text_output.last_hidden_state[:, 0, :].float())
+            reference.append(((reward - 0.16717362830052426) / 1.0333394966054072).item())
+        ours = load_tiny("imagereward")(as_float(images), PROMPTS)
+    reference = torch.tensor(reference)
+    assert ours.dtype == torch.float32 and ours.shape == (3,)
+    assert (ours - reference).abs().max() <= tolerance
+    assert (reference - reference.mean()).abs().max() > 3 * tolerance, "scores should differ between images"
+
+
 # ---- gradients, freezing, combinations, dtype -----------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", ["pickscore", "hpsv2", "aesthetic", "pickscore:1.0,hpsv21:2.0,aesthetic:0.05"])
+@pytest.mark.parametrize("spec", ["pickscore", "hpsv2", "aesthetic", "imagereward",
+                                  "pickscore:1.0,hpsv21:2.0,aesthetic:0.05,imagereward:0.5"])
 def test_gradients_reach_images_but_not_reward_parameters(load_tiny, spec):
-    reward = load_tiny(spec)
+    assert_gradients_reach_images_only(load_tiny(spec))
+
+
+def assert_gradients_reach_images_only(reward):
     images = as_float(smooth_uint8_images(2, 48, 40, seed=4)).requires_grad_(True)
     reward(images, PROMPTS[:2]).sum().backward()
     assert torch.isfinite(images.grad).all()
@@ -258,16 +327,20 @@ def count_calls(module):
     return calls
 
 
-@pytest.mark.parametrize("name", ["pickscore", "hpsv2"])
+def first_vision_layer(name: str, reward):
+    if name == "pickscore":
+        return reward.model.vision_model.encoder.layers[0]
+    if name == "imagereward":
+        return reward.visual.blocks[0]
+    return reward.model.visual.transformer.resblocks[0]
+
+
+@pytest.mark.parametrize("name", ["pickscore", "hpsv2", "imagereward"])
 def test_gradient_checkpointing_recomputes_vision_layers_and_keeps_gradients(load_tiny, name):
     gradients, calls_per_step = [], []
     for checkpointing in (False, True):
         reward = load_tiny(name, gradient_checkpointing=checkpointing)
-        inner = reward.rewards[name].model
-        if name == "pickscore":
-            first_layer = inner.vision_model.encoder.layers[0]
-        else:
-            first_layer = inner.visual.transformer.resblocks[0]
+        first_layer = first_vision_layer(name, reward.rewards[name])
         calls = count_calls(first_layer.mlp)
         images = as_float(smooth_uint8_images(2, 40, 40, seed=6)).requires_grad_(True)
         reward(images, PROMPTS[:2]).sum().backward()
@@ -277,9 +350,12 @@ def test_gradient_checkpointing_recomputes_vision_layers_and_keeps_gradients(loa
     assert torch.allclose(gradients[0], gradients[1], rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("name", ["pickscore", "hpsv2", "aesthetic"])
+@pytest.mark.parametrize("name", ["pickscore", "hpsv2", "aesthetic", "imagereward"])
 def test_model_dtype_follows_argument_and_scores_stay_float32(load_tiny, name):
-    reward = load_tiny(name, dtype=torch.bfloat16)
+    assert_bfloat16_weights_give_float32_scores_and_gradients(load_tiny(name, dtype=torch.bfloat16))
+
+
+def assert_bfloat16_weights_give_float32_scores_and_gradients(reward):
     assert {p.dtype for p in reward.parameters()} == {torch.bfloat16}
     images = as_float(smooth_uint8_images(2, 32, 32, seed=7)).requires_grad_(True)
     scores = reward(images, PROMPTS[:2])
@@ -338,7 +414,7 @@ def test_parse_reward_sources():
 # ---- loading failures -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["pickscore", "clip_h14", "hpsv2", "aesthetic"])
+@pytest.mark.parametrize("name", ["pickscore", "clip_h14", "hpsv2", "aesthetic", "imagereward", "vlm_alignment"])
 def test_missing_local_path_is_a_one_line_usage_error(tmp_path, name):
     missing = str(tmp_path / "not-here")
     with pytest.raises(UsageError) as error:
@@ -353,6 +429,21 @@ def test_aesthetic_folder_without_head_weights_is_a_usage_error(clip_folder):
         rewards.load_reward("aesthetic", sources={"aesthetic": clip_folder})
 
 
+def test_imagereward_folder_without_its_files_is_a_usage_error(tmp_path, clip_folder):
+    with pytest.raises(UsageError, match=r"ImageReward\.pt.*--reward-source imagereward="):
+        rewards.load_reward("imagereward", sources={"imagereward": clip_folder})
+
+
+def test_imagereward_checkpoint_lacking_a_weight_is_a_usage_error(tmp_path, imagereward):
+    folder = tmp_path / "damaged"
+    shutil.copytree(imagereward[0], folder)
+    state_dict = torch.load(folder / rewards.IMAGEREWARD_FILE, weights_only=True)
+    del state_dict["blip.text_encoder.encoder.layer.1.crossattention.self.key.weight"]
+    torch.save(state_dict, folder / rewards.IMAGEREWARD_FILE)
+    with pytest.raises(UsageError, match=r"crossattention\.self\.key\.weight.*--reward-source imagereward="):
+        rewards.load_reward("imagereward", sources={"imagereward": str(folder)})
+
+
 def test_unknown_reward_source_name_is_a_usage_error(clip_folder):
     with pytest.raises(UsageError, match="'pickscor'.*pickscore"):
         rewards.load_reward("pickscore", sources={"pickscor": clip_folder})
@@ -363,7 +454,7 @@ def test_default_sources_offline_and_uncached_fail_in_one_line_naming_the_model(
     # without the checkpoints, seen exactly as the scripts see it.
     script = (
         "import rewards, utils\n"
-        "for name in ['pickscore', 'hpsv2', 'aesthetic']:\n"
+        "for name in ['pickscore', 'hpsv2', 'aesthetic', 'imagereward', 'vlm_quality']:\n"
         "    try:\n"
         "        rewards.load_reward(name)\n"
         "    except utils.UsageError as error:\n"
@@ -375,7 +466,7 @@ def test_default_sources_offline_and_uncached_fail_in_one_line_naming_the_model(
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 3, result.stdout
-    for line, name in zip(lines, ["pickscore", "hpsv2", "aesthetic"]):
+    assert len(lines) == 5, result.stdout
+    for line, name in zip(lines, ["pickscore", "hpsv2", "aesthetic", "imagereward", "vlm_quality"]):
         assert rewards.DEFAULT_SOURCES[name] in line
         assert f"--reward-source {name}=" in line

@@ -1,6 +1,8 @@
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
+                       PNDMScheduler, StableDiffusionPipeline)
+from diffusers.utils.torch_utils import randn_tensor
 
 import models
 import sampling
@@ -143,3 +145,103 @@ def test_ddim_leaves_latents_unclipped_unless_the_config_asks():
     # An Euler config says nothing about clipping; DDIM's own default would clip x_0 to [-1, 1].
     assert models.ddim_from(EulerDiscreteScheduler().config).config.clip_sample is False
     assert models.ddim_from(DDIMScheduler(clip_sample=True).config).config.clip_sample is True
+
+
+# ---------------------------------------------------------------------------------------------
+# Stateful and multi-call schedulers
+
+
+def with_scheduler(model, scheduler_class, **config):
+    model.pipe.scheduler = scheduler_class.from_config(model.scheduler.config, **config)
+    return model
+
+
+def loss_gradient(model, scheduler_class, checkpointed: bool) -> torch.Tensor:
+    with_scheduler(model, scheduler_class)
+    cond = models.encode_prompts(model, PROMPTS, True, RES)
+    gens = generators([1, 2])
+    model.scheduler.set_timesteps(4)  # Euler's initial noise scale depends on the timesteps
+    x_T = sampling.initial_latents(model.latent_shape(2, RES), gens, model.scheduler, "cpu", torch.float32)
+    result = sampling.sample(models.tuned_denoiser(model, cond), model.scheduler, x_T, num_steps=4,
+                             guidance_scale=3.0, truncation_steps=2, checkpoint_denoiser=checkpointed)
+    for param in models.trainable_parameters(model):
+        param.grad = None
+    result.latents.square().mean().backward()
+    return torch.cat([p.grad.flatten() for p in models.trainable_parameters(model)])
+
+
+@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler])
+def test_checkpointed_gradients_equal_plain_ones_with_stateful_schedulers(tiny_sd, scheduler_class):
+    """Euler reads its step index when it scales the model input: a checkpoint that recomputed that
+    in backward would see the index moved on and feed the UNet the wrong input."""
+    model = lora_model(tiny_sd, perturb=0.01)
+    plain, checkpointed = (loss_gradient(model, scheduler_class, flag) for flag in (False, True))
+    assert plain.abs().max() > 0
+    assert (plain - checkpointed).norm() <= 1e-6 * plain.norm()
+
+
+@pytest.mark.parametrize("scheduler_class, config, calls", [
+    (PNDMScheduler, {"skip_prk_steps": False}, 15),  # SD 1.5's own: Runge-Kutta warm-up steps
+    (HeunDiscreteScheduler, {}, 11),  # second order: two calls per step but the last
+])
+def test_truncation_and_weighing_count_the_schedulers_model_calls(tiny_sd, scheduler_class, config, calls):
+    model = with_scheduler(lora_model(tiny_sd, perturb=0.01), scheduler_class, **config)
+    cond = models.encode_prompts(model, PROMPTS, True, RES)
+    model.scheduler.set_timesteps(6)
+    x_T = sampling.initial_latents(model.latent_shape(2, RES), generators([1, 2]), model.scheduler, "cpu", torch.float32)
+    graph_log = []
+    result = sampling.sample(counting(models.tuned_denoiser(model, cond), graph_log), model.scheduler, x_T,
+                             num_steps=6, guidance_scale=3.0, truncation_steps=1)
+    assert graph_log == [False] * (calls - 1) + [True] and result.graph_steps == 1
+
+    weights = []
+
+    def recording_linear(i, n):
+        weights.append(i / n)
+        return i / n
+
+    sampling.sample(models.tuned_denoiser(model, cond), model.scheduler, x_T, num_steps=6, guidance_scale=3.0,
+                    base=models.base_denoiser(model, cond), weighing=recording_linear)
+    assert len(weights) == calls and max(weights) < 1.0
+
+
+def test_annealed_weight_of_step_zero_applies_at_the_noisiest_step(tiny_sd):
+    model = lora_model(tiny_sd, perturb=0.01)
+    cond = models.encode_prompts(model, PROMPTS, True, RES)
+    x_T = sampling.initial_latents(model.latent_shape(2, RES), generators([1, 2]), model.scheduler, "cpu", torch.float32)
+    seen = []
+
+    def recording(name, denoise):
+        def wrapped(x, t):
+            seen.append((name, int(t)))
+            return denoise(x, t)
+
+        return wrapped
+
+    sampling.sample(recording("tuned", models.tuned_denoiser(model, cond)), model.scheduler, x_T, num_steps=5,
+                    guidance_scale=3.0, base=recording("base", models.base_denoiser(model, cond)),
+                    weighing=lambda i, n: float(i == 0))
+    timesteps = model.scheduler.timesteps.tolist()
+    assert timesteps == sorted(timesteps, reverse=True)  # the first is the noisiest
+    assert seen == [("tuned", timesteps[0])] + [("base", t) for t in timesteps[1:]]
+
+
+def test_lv_renoises_to_the_last_steps_noise_level(tiny_sd):
+    model = lora_model(tiny_sd, perturb=0.05)
+    cond = models.encode_prompts(model, PROMPTS, True, RES)
+    tuned = models.tuned_denoiser(model, cond)
+    x_T = sampling.initial_latents(model.latent_shape(2, RES), generators([1, 2]), model.scheduler, "cpu", torch.float32)
+    with torch.no_grad():
+        result = sampling.sample(tuned, model.scheduler, x_T, num_steps=4, guidance_scale=3.0, lv_samples=2,
+                                 generator=generators([7, 8]))
+        x0 = sampling.sample(tuned, model.scheduler, x_T, num_steps=4, guidance_scale=3.0).latents
+        scheduler = model.scheduler
+        t_last = scheduler.timesteps[-1]
+        gens = generators([7, 8])
+        expected = []
+        for _ in range(2):
+            noise = randn_tensor(x0.shape, generator=gens, dtype=x0.dtype)
+            x_t = scheduler.add_noise(x0, noise, t_last.reshape(1))
+            out = sampling.guided_output(tuned, scheduler, x_t, t_last, 3.0)
+            expected.append(scheduler.step(out, t_last, x_t).prev_sample)
+    assert torch.allclose(result.latents, torch.cat(expected), atol=1e-6)

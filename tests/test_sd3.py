@@ -25,7 +25,7 @@ import tiny_rewards
 import training
 import utils
 from conftest import ROOT
-from test_anneal import one_thread, write_lora_checkpoint  # noqa: F401  (fixtures are used by name)
+from test_anneal import write_lora_checkpoint
 from test_sdxl import (assert_linear_lies_between_base_and_draft, gradients_without_and_with_checkpointing,
                        metrics_of_base_and_tuned, train_config, trained_on_a_fixed_batch, write_full_checkpoint)
 
@@ -38,6 +38,8 @@ CPU = torch.device("cpu")
 PEER_TARGETS = ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "attn.to_k",
                 "attn.to_out.0", "attn.to_q", "attn.to_v"]
 RTDMD_SIGMAS = (1.0, 0.9, 0.75, 0.5)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ GUIDANCE = 4.0
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core machine threads only contend."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +52,8 @@ def tiny_clip(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lora_checkpoint(tiny_sdxl, tmp_path_factory):
-    return write_lora_checkpoint(str(tmp_path_factory.mktemp("lora")), tiny_sdxl)
+    # B ~ N(0, 1): the tuned model's effect on images and scores is large by construction, not by luck
+    return write_lora_checkpoint(str(tmp_path_factory.mktemp("lora")), tiny_sdxl, perturb=1.0)
 
 
 def stock_pipeline(path, scheduler, lora=None, unet=None):
@@ -272,4 +267,4 @@ def test_metrics_score_base_and_tuned_sdxl_images(lora_checkpoint, tiny_clip, tm
     assert report["config"]["resolution"] == RES  # the model's default
     results = report["results"]
     base, draft = (results[w]["metrics"]["pickscore"]["mean"] for w in ("base", "draft"))
-    assert abs(base - draft) > 1e-3  # the checkpoint is evaluated, not the base model twice
+    assert abs(base - draft) > 0.05  # the checkpoint is evaluated, not the base model twice

@@ -1,6 +1,7 @@
 """train.py end to end on tiny models: reward ascent, LoRA export, DDP equivalence, kill-and-resume."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import models
 import sampling
 import tiny_rewards
 import training
+import utils
 from conftest import ROOT
 from utils import generators
 
@@ -35,14 +37,15 @@ def prompt_file(tmp_path_factory):
     return str(path)
 
 
-def run_train(args, *, world_size=1, check=True, **popen):
+def run_train(args, *, world_size=1, check=True, env=None, **popen):
     launcher = [sys.executable]
     if world_size > 1:
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={world_size}", "--master_port", "29517"]
     command = launcher + ["train.py"] + args
     if popen:
-        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                **popen)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -85,35 +88,75 @@ def test_smoke_run_writes_log_checkpoints_and_resumable_state(reference_run):
     assert "step 6/6" in result.stdout
 
 
-def test_distributed_two_processes_match_grad_accumulation(reference_run, tiny_sd, tiny_clip, prompt_file, tmp_path):
+def logged_steps(run_dir) -> list[int]:
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+def test_distributed_two_processes_match_grad_accumulation_and_resume_on_one(reference_run, tiny_sd, tiny_clip,
+                                                                             prompt_file, tmp_path):
     run_dir = tmp_path / "ddp"
-    run_train(common_args(tiny_sd, tiny_clip, prompt_file, run_dir,
-                          "--batch-size", "1", "--steps", "6", "--save-every", "2"), world_size=2)
-    state = json.load(open(run_dir / "checkpoints" / "step-0000006" / "state.json"))
+    args = common_args(tiny_sd, tiny_clip, prompt_file, run_dir, "--batch-size", "1", "--save-every", "2")
+    run_train(args + ["--steps", "4"], world_size=2)
+    state = json.load(open(run_dir / "checkpoints" / "step-0000004" / "state.json"))
     assert len(state["rank_fingerprints"]) == 2
     assert state["rank_fingerprints"][0] == state["rank_fingerprints"][1]
     reference_dir = reference_run[0]
+    assert_same_weights(lora_weights(run_dir, 4), lora_weights(reference_dir, 4), atol=1e-5)
+
+    # One process takes over the 2-process run: the global batch is kept by accumulating twice.
+    result = run_train(args + ["--steps", "6"])
+    assert "--grad-accum 2 keeps its global batch of 2" in result.stdout
     assert_same_weights(lora_weights(run_dir, 6), lora_weights(reference_dir, 6), atol=1e-5)
+    assert logged_steps(run_dir) == [1, 2, 3, 4, 5, 6]
 
 
-def test_killed_run_resumes_to_the_same_weights(reference_run, tmp_path):
+def test_killed_run_resumes_to_the_same_weights_and_logs_each_step_once(reference_run, tmp_path):
     _, reference_args, _ = reference_run
     run_dir = tmp_path / "killed"
     args = list(reference_args)
     args[args.index("--run-dir") + 1] = str(run_dir)
     process = run_train(args, start_new_session=True)
-    first = run_dir / "checkpoints" / "step-0000002"
+    log = run_dir / "log.jsonl"
     deadline = time.time() + 300
-    while not first.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    # Between checkpoints: step 3 is logged, its checkpoint would come at step 4.
+    while process.poll() is None and time.time() < deadline:
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.005)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    assert first.exists()
-    assert not (run_dir / "checkpoints" / "step-0000006").exists(), "the run finished before it could be killed"
+    assert (run_dir / "checkpoints" / "step-0000002").exists()
+    assert not (run_dir / "checkpoints" / "step-0000004").exists(), "the run saved again before it could be killed"
+    assert logged_steps(run_dir)[-1] >= 3
 
     result = run_train(args)
-    assert "resuming from" in result.stdout
+    assert "resuming from" in result.stdout and "step 2)" in result.stdout
+    assert logged_steps(run_dir) == [1, 2, 3, 4, 5, 6]
     assert_same_weights(lora_weights(run_dir, 6), lora_weights(reference_run[0], 6), atol=0.0)
+
+
+def test_a_second_training_on_a_held_run_dir_stops_in_one_line(reference_run, tmp_path):
+    _, reference_args, _ = reference_run
+    args = list(reference_args)
+    args[args.index("--run-dir") + 1] = str(tmp_path / "held")
+    args[args.index("--steps") + 1] = "200"
+    first = run_train(args, start_new_session=True)
+    log = tmp_path / "held" / "log.jsonl"
+    deadline = time.time() + 300
+    while not log.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        second = run_train(args, check=False)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    assert second.returncode == 2, second.stderr[-2000:]
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and "in use by a training (pid" in lines[0], second.stderr
+    # kill -9 released the hold: the same run dir takes a training again at once
+    args[args.index("--steps") + 1] = "1"
+    run_train(args)
 
 
 def test_saved_lora_reproduces_our_images_in_a_stock_pipeline(reference_run, tiny_sd):
@@ -184,6 +227,10 @@ def test_training_steps_raise_the_reward_of_a_fixed_batch(tiny_sd, tiny_clip, pr
     (["--resolution", "33"], "multiple of 2"),
     (["--prompts", "EMPTY_FILE"], "no prompts"),
     (["--prompts", "/no/such/prompts.txt"], "/no/such/prompts.txt"),
+    (["--truncation-range", "0", "3"], "--truncation-range 0 3"),
+    (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+    (["--kl-coeff", "inf"], "--kl-coeff must be a finite number"),
+    (["--device", "cuda"], "no CUDA device"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(flags, message, tiny_sd, tiny_clip, prompt_file, tmp_path):
     run_dir = tmp_path / "run"
@@ -227,3 +274,108 @@ def test_damaged_checkpoint_is_one_line_exit_2_and_writes_nothing(reference_run,
     assert len(lines) == 1 and "cannot resume from" in lines[0] and "step-0000002" in lines[0], result.stderr
     # .lock is the (released) hold on the run dir, not something written for the run
     assert sorted(p.name for p in run_dir.rglob("*")) == [".lock", "checkpoints", models.LORA_FILE, "step-0000002"]
+
+
+def test_local_inputs_are_checked_before_the_hub_and_an_unreachable_hub_is_one_line(tiny_clip, prompt_file, tmp_path):
+    # A closed port stands for a hub out of reach, as on a machine without network.
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    hub_model = ["--model", "no-such-org/no-such-model", "--reward-source", f"pickscore={tiny_clip}",
+                 "--run-dir", str(tmp_path / "run")]
+    for extra, message in ((["--prompts", "/no/such/prompts.txt"], "/no/such/prompts.txt"),
+                           (["--prompts", prompt_file], "the Hugging Face hub is unreachable")):
+        started = time.time()
+        result = run_train(hub_model + extra, check=False, env=env)
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], result.stderr
+        assert time.time() - started < 60  # no minute of retries
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_changed_config_is_refused_before_anything_loads(reference_run, tmp_path):
+    reference_dir, reference_args, _ = reference_run
+    # A run of a model that is no longer there: the config check has to come first to be the one reported.
+    run_dir = tmp_path / "moved"
+    run_dir.mkdir()
+    config = json.loads((reference_dir / "config.json").read_text())
+    utils.save_json(str(run_dir / "config.json"), {**config, "model": "/no/such/model", "run_dir": str(run_dir)})
+    args = list(reference_args)
+    args[args.index("--run-dir") + 1] = str(run_dir)
+    args[args.index("--model") + 1] = "/no/such/model"
+    args[args.index("--lr") + 1] = "1e-3"
+    result = run_train(args, check=False)
+    assert result.returncode == 2
+    assert "holds a run with lr=0.003, not 0.001" in result.stderr.strip().splitlines()[-1], result.stderr
+
+
+def unet_calls(trainer) -> int:
+    calls = []
+    handle = trainer.model.unet.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        trainer.step(0)
+    finally:
+        handle.remove()
+    return len(calls)
+
+
+@pytest.mark.parametrize("kl_coeff, log_kl, calls", [(0.0, False, 6), (0.0, True, 7), (0.1, False, 7)])
+def test_the_base_model_runs_only_when_the_kl_is_asked_for(tiny_sd, tiny_clip, prompt_file, tmp_path,
+                                                          kl_coeff, log_kl, calls):
+    cfg = training.TrainConfig(model=tiny_sd, reward_source=[f"pickscore={tiny_clip}"], prompts=prompt_file,
+                               inference_steps=6, truncation_steps=1, guidance_scale=3.0, lora_rank=4,
+                               resolution=32, kl_coeff=kl_coeff, log_kl=log_kl, run_dir=str(tmp_path))
+    trainer = training.build(cfg, training.utils.init_distributed("cpu"))
+    assert unet_calls(trainer) == calls  # N = 6 tuned calls, one base call on the graph step for the KL
+    record = trainer.step(1)
+    assert (record["kl"] is None) == (calls == 6)
+
+
+def run_records(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_bf16_autocast_truncation_range_and_warmup_end_to_end(tiny_sd, tiny_clip, prompt_file, tmp_path):
+    run_dir = tmp_path / "bf16"
+    run_train(common_args(tiny_sd, tiny_clip, prompt_file, run_dir, "--steps", "3", "--mixed-precision", "bf16",
+                          "--truncation-range", "1", "3", "--batch-size", "1", "--grad-accum", "3",
+                          "--warmup-steps", "2"))
+    records = run_records(run_dir)
+    assert [r["lr"] for r in records] == pytest.approx([1.5e-3, 3e-3, 3e-3])
+    # K drawn per micro-batch in [1, 3]: the logged mean is one of the averages of three draws
+    assert all(1 <= r["truncation_steps"] <= 3 for r in records)
+    assert len({r["truncation_steps"] for r in records}) > 1 or records[0]["truncation_steps"] != 1
+    assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in records)
+
+
+@pytest.mark.slow
+def test_fp16_overflow_skips_are_calibration_not_divergence(tiny_sd, tiny_clip, prompt_file, tmp_path):
+    run_dir = tmp_path / "fp16"
+    result = run_train(common_args(tiny_sd, tiny_clip, prompt_file, run_dir, "--steps", "3", "--save-every", "100",
+                                   "--mixed-precision", "fp16", "--max-bad-steps", "1", "--lv-samples", "2"))
+    records = run_records(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["loss_scale"] >= 1.0 for r in records)
+    # GradScaler starts at 65536 and halves at each overflow while it calibrates
+    assert any(r["skipped"] for r in records) and records[-1]["loss_scale"] < records[0]["loss_scale"]
+    assert (run_dir / "checkpoints" / "step-0000003" / models.LORA_FILE).exists()  # the final one, always
+    assert result.stdout.strip().splitlines()[-1].endswith("last checkpoint " + str(run_dir / "checkpoints" /
+                                                                                   "step-0000003"))
+
+
+@pytest.mark.slow
+def test_full_finetune_trains_and_resumes_to_the_same_weights(tiny_sd, tiny_clip, prompt_file, tmp_path):
+    def unet_weights(run_dir, step):
+        folder = os.path.join(run_dir, "checkpoints", f"step-{step:07d}", models.FULL_UNET_DIR)
+        return load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    flags = ("--full-finetune", "--lr", "1e-4", "--save-every", "2")
+    run_train(common_args(tiny_sd, tiny_clip, prompt_file, straight, *flags, "--steps", "3"))
+    run_train(common_args(tiny_sd, tiny_clip, prompt_file, resumed, *flags, "--steps", "2"))
+    result = run_train(common_args(tiny_sd, tiny_clip, prompt_file, resumed, *flags, "--steps", "3"))
+    assert "resuming from" in result.stdout
+    base = load_file(os.path.join(tiny_sd, "unet", "diffusion_pytorch_model.safetensors"))
+    assert_same_weights(unet_weights(resumed, 3), unet_weights(straight, 3), atol=0.0)
+    assert max((unet_weights(straight, 3)[k] - base[k]).abs().max().item() for k in base) > 0
