@@ -5,11 +5,14 @@
     python bench.py --families SD3         # one family only
 
 Prints, for a tiny SD, a tiny SDXL and a tiny SD3.5 model:
-  (a) time of one DRaFT+ K=1 step (KL on) / time of the stock diffusers pipeline sampling the same
-      batch (CFG, batch 2, decoded), at N=50 and N=10 sampler steps;
+  (a) time of one DRaFT+ step (KL on) / time of the stock diffusers pipeline sampling the same batch
+      (CFG, batch 2, decoded) at (N, K) = (50, 1), (10, 1), (50, 10) and (50, 10) with gradient
+      checkpointing, with the merged-LoRA no-grad path and without it;
   (b) peak memory of a K=1 step at N=50 / at N=10;
-  (c) peak memory of a K=10 step with gradient checkpointing / of a K=1 step;
-and where a step's time goes, in units of one no-grad call of the UNet (SD3: transformer).
+  (c) peak memory of a K=10 step with and without gradient checkpointing / of a K=1 step;
+and where a step's time goes, in units of one no-grad call of the UNet (SD3: transformer); then (with SD
+among --families) a 2-process full fine-tune of a wider tiny SD UNet through train.py with and without
+--fsdp: step time and peak memory growth per rank.
 Memory is the growth of the peak resident set above the footprint after the models are loaded,
 each configuration in a fresh process (on a GPU run it would be torch.cuda.max_memory_allocated).
 """
@@ -32,19 +35,21 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 @dataclass
 class BenchConfig:
-    resolution: int = 128  # image side; large enough that activations, not weights, dominate memory
+    resolution: int = 64  # image side; large enough that activations, not weights, dominate memory
     batch_size: int = 2  # prompts per step and per pipeline call
     repeats: int = 3  # timed repetitions per configuration (the median is reported)
     guidance_scale: float = 7.5  # CFG scale for both the pipeline and the training step
     lora_rank: int = 4  # LoRA rank; the tiny models' attention is 16-32 wide, so 32 would dwarf it
     threads: int = 1  # torch CPU threads; 1 keeps timings steady when other processes share the cores
     families: tuple[Literal["SD", "SDXL", "SD3"], ...] = ("SD", "SDXL", "SD3")  # the tiny models to measure, in order
+    fsdp_resolution: int = 32  # image side of the 2-process full fine-tune with and without --fsdp
 
 
 PROMPTS = ["a red circle", "a green square"]
 
 
-def make_trainer(bench: BenchConfig, model: str, clip: str, steps: int, truncation: int, checkpointing: bool):
+def make_trainer(bench: BenchConfig, model: str, clip: str, steps: int, truncation: int, checkpointing: bool,
+                 merged: bool = True):
     import training
     import utils
 
@@ -54,30 +59,50 @@ def make_trainer(bench: BenchConfig, model: str, clip: str, steps: int, truncati
         lora_rank=bench.lora_rank, lora_alpha=bench.lora_rank, kl_coeff=0.1, gradient_checkpointing=checkpointing,
         run_dir=os.path.join(tempfile.gettempdir(), "bench-unused"), device="cpu",
     )
-    return training.build(cfg, utils.init_distributed("cpu"))
+    trainer = training.build(cfg, utils.init_distributed("cpu"))
+    trainer.model.merged_sampling = merged
+    return trainer
 
 
-def interleaved_medians(first, second, repeats: int) -> tuple[float, float]:
-    """Median seconds of each callable, run alternately so that any load on the machine weighs on
-    both alike and the ratio stays meaningful."""
-    first(), second()  # warm-up: first calls pay for lazy initialisation
-    times = ([], [])
+@dataclass
+class Timing:
+    seconds: list[float]  # median seconds of each callable
+    ratios: list[float]  # per round, each callable's time over the last one's: median, then min and max
+
+    def ratio(self, i: int) -> str:
+        return f"{self.ratios[i][0]:.3f} [{self.ratios[i][1]:.3f}-{self.ratios[i][2]:.3f}]"
+
+
+def interleaved(callables: list, repeats: int) -> Timing:
+    """Run the callables in turn, `repeats` rounds, so that any load on the machine weighs on all alike;
+    each round's ratios to the last callable (the reference) are what is compared."""
+    for fn in callables:
+        fn()  # warm-up: first calls pay for lazy initialisation
+    rounds = []
     for _ in range(repeats):
-        for fn, bucket in zip((first, second), times):
+        times = []
+        for fn in callables:
             start = time.perf_counter()
             fn()
-            bucket.append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+            times.append(time.perf_counter() - start)
+        rounds.append(times)
+    seconds = [statistics.median(r[i] for r in rounds) for i in range(len(callables))]
+    ratios = []
+    for i in range(len(callables)):
+        per_round = [r[i] / r[-1] for r in rounds]
+        ratios.append((statistics.median(per_round), min(per_round), max(per_round)))
+    return Timing(seconds, ratios)
 
 
-def time_ratio(bench: BenchConfig, model: str, clip: str, steps: int) -> tuple[float, float]:
+def time_ratio(bench: BenchConfig, model: str, clip: str, steps: int, truncation: int, checkpointing: bool) -> Timing:
+    """A training step with the merged path, without it, and the stock pipeline sampling the same batch."""
     import models
     from utils import generators
 
-    trainer = make_trainer(bench, model, clip, steps, truncation=1, checkpointing=False)
+    trainers = [make_trainer(bench, model, clip, steps, truncation, checkpointing, merged) for merged in (True, False)]
     # The stock pipeline object, sampling with the training step's scheduler (DDIM for SD and SDXL, which
     # ships Euler; SD3's own flow-match Euler).
-    pipe = models.load_model(model, torch.device("cpu"), scheduler=trainer.cfg.scheduler).pipe
+    pipe = models.load_model(model, torch.device("cpu"), scheduler=trainers[0].cfg.scheduler).pipe
     step_counter = iter(range(10**6))
 
     def pipeline_call():
@@ -85,7 +110,8 @@ def time_ratio(bench: BenchConfig, model: str, clip: str, steps: int) -> tuple[f
              height=bench.resolution, width=bench.resolution, output_type="pt",
              generator=generators(range(bench.batch_size)))
 
-    return interleaved_medians(lambda: trainer.step(next(step_counter)), pipeline_call, bench.repeats)
+    steps_of = [lambda trainer=trainer: trainer.step(next(step_counter)) for trainer in trainers]
+    return interleaved([*steps_of, pipeline_call], bench.repeats)
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -98,9 +124,9 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_parts(bench: BenchConfig, model: str, clip: str) -> tuple[float, dict[str, float]]:
-    """Where a step's time goes: seconds of one no-grad call with CFG of the denoiser as loaded (no
-    LoRA layers), and the other parts of a step in units of that call."""
+def time_parts(bench: BenchConfig, model: str, clip: str) -> tuple[float, dict[str, str]]:
+    """Where a step's time goes: seconds of one no-grad call with CFG of the UNet as loaded (no LoRA
+    layers), and the other parts of a step in units of that call."""
     import models
 
     trainer = make_trainer(bench, model, clip, steps=10, truncation=1, checkpointing=False)
@@ -108,44 +134,41 @@ def time_parts(bench: BenchConfig, model: str, clip: str) -> tuple[float, dict[s
     conditioning = models.encode_prompts(model_, prompts, True, bench.resolution)
     latents = torch.randn(model_.latent_shape(bench.batch_size, bench.resolution))
     model_input, t = torch.cat([latents, latents]), torch.tensor(500)
-    tuned = models.tuned_denoiser(model_, conditioning)
-    plain = models.make_denoiser(models.load_model(model, torch.device("cpu")).denoiser, conditioning)
+    merged = models.tuned_denoiser(model_, conditioning)  # merged weights whenever there is no graph
+    layered = models.make_denoiser(model_.unet, conditioning)
+    base = models.base_denoiser(model_, conditioning)
+    plain = models.make_denoiser(models.load_model(model, torch.device("cpu")).unet, conditioning)
 
-    def denoiser_forward_backward():
-        tuned(model_input, t).square().mean().backward()
+    def unet_forward_backward():
+        merged(model_input, t).square().mean().backward()
 
     def decode_reward_forward_backward():
         z = latents.clone().requires_grad_(True)
         trainer.reward(models.decode(model_, z), prompts).sum().backward()
 
-    with torch.no_grad():  # interleaved and repeated more: the two differ by little
-        lora_s, plain_s = interleaved_medians(lambda: tuned(model_input, t), lambda: plain(model_input, t),
-                                             3 * bench.repeats)
-    parts = {"denoiser with LoRA": lora_s}
-    parts["denoiser fwd+bwd"] = median_seconds(denoiser_forward_backward, bench.repeats)
-    parts["decode+reward fwd+bwd"] = median_seconds(decode_reward_forward_backward, bench.repeats)
-    return plain_s, {name: seconds / plain_s for name, seconds in parts.items()}
+    with torch.no_grad():  # interleaved and repeated more: they differ by little
+        calls = interleaved([lambda fn=fn: fn(model_input, t) for fn in (merged, layered, base, plain)],
+                            3 * bench.repeats)
+    unet_s = calls.seconds[-1]
+    parts = {"UNet with LoRA merged": calls.ratio(0), "with LoRA layers": calls.ratio(1),
+             "base (adapters off)": calls.ratio(2),
+             "UNet fwd+bwd": f"{median_seconds(unet_forward_backward, bench.repeats) / unet_s:.2f}",
+             "decode+reward fwd+bwd": f"{median_seconds(decode_reward_forward_backward, bench.repeats) / unet_s:.2f}"}
+    return unet_s, parts
 
 
 def _rss_peak_growth(bench, model, clip, steps, truncation, checkpointing, queue):
-    torch.set_num_threads(bench.threads)
-    trainer = make_trainer(bench, model, clip, steps, truncation, checkpointing)
     import gc
 
+    import utils
+
+    torch.set_num_threads(bench.threads)
+    trainer = make_trainer(bench, model, clip, steps, truncation, checkpointing)
     gc.collect()
-    footprint = _status_kb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM (peak RSS) so loading transients are not counted
+    memory = utils.MemoryMeter(torch.device("cpu"))
+    memory.reset_peak()  # loading transients are not counted
     trainer.step(0)
-    queue.put((_status_kb("VmHWM") - footprint) / 1024)
-
-
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    queue.put(memory.growth_mb())
 
 
 def peak_growth_mb(bench, model, clip, steps, truncation, checkpointing) -> float:
@@ -162,22 +185,73 @@ def peak_growth_mb(bench, model, clip, steps, truncation, checkpointing) -> floa
     return queue.get()
 
 
+# (N, K, gradient checkpointing): the configurations of the reference comparison
+STEP_CONFIGS = [(50, 1, False), (10, 1, False), (50, 10, False), (50, 10, True)]
+
+
 def report(bench: BenchConfig, family: str, model: str, clip: str) -> None:
     print(f"tiny {family} at {bench.resolution}px, batch {bench.batch_size}, CFG {bench.guidance_scale}, "
-          f"LoRA rank {bench.lora_rank}, {torch.get_num_threads()} threads", flush=True)
-    for steps in (50, 10):
-        step_s, pipe_s = time_ratio(bench, model, clip, steps)
-        print(f"(a) N={steps}: DRaFT+ K=1 step {step_s:.3f}s / pipeline {pipe_s:.3f}s = {step_s / pipe_s:.3f}",
-              flush=True)
-    plain_s, parts = time_parts(bench, model, clip)
-    print(f"parts, in no-grad denoiser calls with CFG ({plain_s * 1000:.1f} ms): "
-          + ", ".join(f"{name} {units:.2f}" for name, units in parts.items()), flush=True)
-    k1_n50 = peak_growth_mb(bench, model, clip, 50, 1, False)
-    k1_n10 = peak_growth_mb(bench, model, clip, 10, 1, False)
-    print(f"(b) peak memory K=1: N=50 {k1_n50:.1f} MB / N=10 {k1_n10:.1f} MB = {k1_n50 / k1_n10:.3f}", flush=True)
-    k10_ckpt = peak_growth_mb(bench, model, clip, 10, 10, True)
-    print(f"(c) peak memory K=10 checkpointed {k10_ckpt:.1f} MB / K=1 {k1_n10:.1f} MB = {k10_ckpt / k1_n10:.3f}",
+          f"LoRA rank {bench.lora_rank}, {torch.get_num_threads()} threads; median [range] of "
+          f"{bench.repeats} interleaved rounds", flush=True)
+    for steps, truncation, checkpointing in STEP_CONFIGS:
+        timing = time_ratio(bench, model, clip, steps, truncation, checkpointing)
+        name = f"N={steps} K={truncation}" + (" checkpointed" if checkpointing else "")
+        print(f"(a) {name}: step / pipeline = {timing.ratio(0)} merged, {timing.ratio(1)} unmerged "
+              f"({timing.seconds[0]:.3f}s, {timing.seconds[1]:.3f}s / {timing.seconds[2]:.3f}s)", flush=True)
+    unet_s, parts = time_parts(bench, model, clip)
+    print(f"parts, in no-grad UNet calls with CFG ({unet_s * 1000:.1f} ms): "
+          + ", ".join(f"{name} {units}" for name, units in parts.items()), flush=True)
+    growth = {config: peak_growth_mb(bench, model, clip, *config) for config in STEP_CONFIGS}
+    k1_n50, k1_n10 = growth[50, 1, False], growth[10, 1, False]
+    k10, k10_ckpt = growth[50, 10, False], growth[50, 10, True]
+    print(f"(b) peak memory growth K=1: N=50 {k1_n50:.1f} MB / N=10 {k1_n10:.1f} MB = {k1_n50 / k1_n10:.3f}",
           flush=True)
+    print(f"(c) peak memory growth N=50 K=10 checkpointed {k10_ckpt:.1f} MB / K=1 {k1_n50:.1f} MB = "
+          f"{k10_ckpt / k1_n50:.3f}; without checkpointing {k10:.1f} MB = {k10 / k1_n50:.3f}", flush=True)
+
+
+def sharded_training(bench: BenchConfig, model: str, clip: str, folder: str, fsdp: bool) -> tuple[float, float]:
+    """Median seconds of steps 2-4 (the first allocates the optimizer state) and the peak
+    memory growth of rank 0, of a 2-process full fine-tune through train.py, as a user runs it."""
+    import json
+    import subprocess
+
+    run_dir = os.path.join(folder, "fsdp" if fsdp else "plain")
+    with open(os.path.join(folder, "prompts.txt"), "w") as f:
+        f.write("\n".join(PROMPTS) + "\n")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(ROOT, "train.py"), "--model", model, "--reward-source", f"pickscore={clip}",
+               "--prompts", os.path.join(folder, "prompts.txt"), "--full-finetune", "--inference-steps", "10",
+               "--resolution", str(bench.fsdp_resolution), "--batch-size", "1", "--steps", "4",
+               "--save-every", "1000", "--val-every", "0", "--run-dir", run_dir, *(["--fsdp"] if fsdp else [])]
+    # One thread per process, and glibc returning freed blocks at once so the resident set follows live tensors.
+    env = {**os.environ, "OMP_NUM_THREADS": str(bench.threads), "MALLOC_MMAP_THRESHOLD_": "65536"}
+    subprocess.run(command, check=True, capture_output=True, env=env)
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return (statistics.median(r["sec_per_step"] for r in records[1:]), max(r["mem_growth_mb"] for r in records))
+
+
+def report_fsdp(bench: BenchConfig, model: str, clip: str, folder: str) -> None:
+    """The two configurations alternate, repeated, as the timings of one run do."""
+    times, growth = {True: [], False: []}, {True: [], False: []}
+    for _ in range(bench.repeats):
+        for fsdp in (False, True):
+            seconds, mb = sharded_training(bench, model, clip, folder, fsdp)
+            times[fsdp].append(seconds)
+            growth[fsdp].append(mb)
+    plain_s, fsdp_s = statistics.median(times[False]), statistics.median(times[True])
+    plain_mb, fsdp_mb = statistics.median(growth[False]), statistics.median(growth[True])
+    print(f"full fine-tune on 2 processes, {bench.fsdp_resolution}px, UNet of "
+          f"{unet_parameters(model) / 1e6:.1f} M parameters: step --fsdp {fsdp_s:.3f}s / plain {plain_s:.3f}s "
+          f"= {fsdp_s / plain_s:.3f}; peak memory growth per rank --fsdp {fsdp_mb:.1f} MB / plain {plain_mb:.1f} MB "
+          f"= {fsdp_mb / plain_mb:.3f}", flush=True)
+
+
+def unet_parameters(model: str) -> int:
+    from diffusers import UNet2DConditionModel
+
+    return sum(p.numel() for p in UNet2DConditionModel.from_pretrained(model, subfolder="unet").parameters())
 
 
 def main(bench: BenchConfig) -> None:
@@ -193,6 +267,11 @@ def main(bench: BenchConfig) -> None:
         factories = {"SD": tiny_models.make_tiny_sd, "SDXL": tiny_models.make_tiny_sdxl, "SD3": tiny_models.make_tiny_sd3}
         for family in bench.families:
             report(bench, family, factories[family](os.path.join(folder, family.lower())), clip)
+        if "SD" in bench.families:
+            # Wide enough that weights, gradients and Adam state, not activations, dominate, as in real full
+            # fine-tuning.
+            wide = tiny_models.make_tiny_sd(os.path.join(folder, "wide"), block_out_channels=(128, 256))
+            report_fsdp(bench, wide, clip, folder)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"
 # The pipeline attribute holding each family's network; a full fine-tune is saved in a folder of that name.
 DENOISERS = {"sd": "unet", "sdxl": "unet", "sd3": "transformer"}
 FULL_UNET_DIR = DENOISERS["sd"]
+SHARDED_DIR = "sharded"  # a --fsdp checkpoint's torch.distributed.checkpoint of the denoiser and optimizer
 FLOW_FAMILIES = {"sd3"}  # the network predicts a velocity; the scheduler is flow matching
 # Keyword arguments of from_pretrained that only some pipeline classes accept (others would warn).
 LOAD_KWARGS = {"sd": {"safety_checker": None, "requires_safety_checker": False}, "sdxl": {}, "sd3": {}}
@@ -68,6 +69,9 @@ class DiffusionModel:
     family: str
     frozen_base: torch.nn.Module | None = None  # full fine-tuning only; with LoRA the base is adapters-off
     text: TextEncoding = field(default_factory=TextEncoding)
+    # no-grad calls of a LoRA model run on merged weights, at the speed of the plain network
+    merged_sampling: bool = True
+    _lora: "LoraLayers | None" = None
 
     @property
     def denoiser_name(self) -> str:
@@ -77,6 +81,18 @@ class DiffusionModel:
     def denoiser(self) -> torch.nn.Module:
         """The network: the UNet of SD and SDXL, the MMDiT transformer of SD3."""
         return getattr(self.pipe, self.denoiser_name)
+
+    @property
+    def lora(self) -> "LoraLayers":
+        """The denoiser's LoRA layers, listed on first use (after the adapters are attached or loaded)."""
+        if self._lora is None:
+            self._lora = LoraLayers(self.denoiser)
+        return self._lora
+
+    def lora_changed(self) -> None:
+        """The LoRA weights moved (an optimizer step, a restore): merged weights are made again when next needed."""
+        if self._lora is not None:
+            self._lora.stale()
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -224,6 +240,19 @@ def schedule_kwargs(model: DiffusionModel, resolution: int, sigmas: tuple[float,
     return kwargs
 
 
+@contextlib.contextmanager
+def diffusers_quiet():
+    """diffusers' logger silenced for a call whose warnings we report ourselves or know to be empty."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
 def quiet_loading() -> None:
     """Loading and saving bars of every sub-model would bury the status lines."""
     import diffusers
@@ -254,32 +283,79 @@ def attach_lora(model: DiffusionModel, rank: int, alpha: float) -> None:
             param.data = param.data.float()  # trainable weights stay fp32 under bf16 autocast
 
 
-def enable_full_finetune(model: DiffusionModel) -> None:
-    """Train every weight of the denoiser; a frozen copy made now is the base for the KL and annealing."""
+def enable_full_finetune(model: DiffusionModel, frozen_dtype: torch.dtype = torch.float32) -> None:
+    """Train every weight of the denoiser, in fp32; a frozen copy made now is the base for the KL and annealing.
+    The frozen networks (that copy, the text encoders, the VAE) go to `frozen_dtype`, the training
+    dtype: in fp32 they would double their memory for nothing under bf16 autocast."""
     model.frozen_base = copy.deepcopy(model.denoiser).requires_grad_(False).eval()
+    frozen = [model.frozen_base] + [part for name, part in model.pipe.components.items()
+                                    if isinstance(part, torch.nn.Module) and part is not model.denoiser
+                                    # SDXL's VAE overflows in fp16 (see decode)
+                                    and not (name == "vae" and frozen_dtype == torch.float16
+                                             and _upcasts_vae(model.family, part))]
+    with diffusers_quiet():  # it warns of fp32-only modules at every cast, even with none listed
+        for part in frozen:
+            part.to(frozen_dtype)
     model.denoiser.float().requires_grad_(True).train()
-
-
-def enable_gradient_checkpointing(model: DiffusionModel) -> None:
-    """Recompute the VAE decoder's blocks in backward, and a transformer's blocks: one MMDiT call at
-    1024 px (4096 image tokens through 24 blocks) holds more activations than the one-call checkpoint
-    of the sampler can afford to recompute in one piece."""
-    model.pipe.vae.enable_gradient_checkpointing()
-    if model.denoiser_name == "transformer":
-        model.denoiser.enable_gradient_checkpointing()
 
 
 def trainable_parameters(model: DiffusionModel) -> list[torch.nn.Parameter]:
     return [p for p in model.denoiser.parameters() if p.requires_grad]
 
 
-@contextlib.contextmanager
-def adapters_disabled(network):
-    network.disable_adapters()
-    try:
-        yield
-    finally:
-        network.enable_adapters()
+class LoraLayers:
+    """A network's LoRA layers, found once and switched directly. peft's `disable_adapters()` walks every
+    module of the network (~49 ms a toggle on an SDXL-sized UNet) and flips requires_grad on every
+    adapter, paid at each KL step and twice per mixed annealing step; flipping the listed layers costs
+    what a plain call costs."""
+
+    def __init__(self, network: torch.nn.Module):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.layers = [module for module in network.modules() if isinstance(module, BaseTunerLayer)]
+        self._merged: list[torch.nn.Parameter] | None = None
+
+    def stale(self) -> None:
+        self._merged = None
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The network without its adapters: the pretrained model."""
+        states = [layer._disable_adapters for layer in self.layers]
+        for layer in self.layers:
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer, state in zip(self.layers, states):
+                layer._disable_adapters = state
+
+    @contextlib.contextmanager
+    def merged(self):
+        """The network with W + scale * B @ A in place of each W, exactly the LoRA model, at the cost of a
+        plain call. The merged weights live in buffers of their own, made once per change of the LoRA
+        weights: merging into W and back again would drift bf16 weights."""
+        if self._merged is None:
+            with torch.no_grad():
+                self._merged = [torch.nn.Parameter(_merged_weight(layer), requires_grad=False) for layer in self.layers]
+        originals = [layer.base_layer._parameters["weight"] for layer in self.layers]
+        with self.disabled():
+            for layer, weight in zip(self.layers, self._merged):
+                layer.base_layer._parameters["weight"] = weight
+            try:
+                yield
+            finally:
+                for layer, weight in zip(self.layers, originals):
+                    layer.base_layer._parameters["weight"] = weight
+
+
+def _merged_weight(layer) -> torch.Tensor:
+    weight = layer.base_layer.weight
+    merged = weight.float()
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A:
+            merged = merged + layer.get_delta_weight(adapter).float()
+    return merged.to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +432,19 @@ def make_denoiser(network, conditioning: dict):
 
 
 def tuned_denoiser(model: DiffusionModel, conditioning: dict):
-    return make_denoiser(model.denoiser, conditioning)
+    """The tuned model. Its calls without a graph (the first N - K steps, all of inference) run on the
+    merged LoRA weights; calls with a graph keep the LoRA layers, whose weights are being trained."""
+    denoise = make_denoiser(model.denoiser, conditioning)
+    if not (model.has_lora and model.merged_sampling):
+        return denoise
+
+    def denoise_merged_without_graph(model_input, t):
+        if torch.is_grad_enabled():
+            return denoise(model_input, t)
+        with model.lora.merged():
+            return denoise(model_input, t)
+
+    return denoise_merged_without_graph
 
 
 def base_denoiser(model: DiffusionModel, conditioning: dict):
@@ -368,7 +456,7 @@ def base_denoiser(model: DiffusionModel, conditioning: dict):
     denoise = make_denoiser(model.denoiser, conditioning)
 
     def denoise_without_adapters(model_input, t):
-        with adapters_disabled(model.denoiser):
+        with model.lora.disabled():
             return denoise(model_input, t)
 
     return denoise_without_adapters
@@ -437,6 +525,7 @@ def load_tuned_into_training(model: DiffusionModel, folder: str) -> None:
         result = set_peft_model_state_dict(model.denoiser, _denoiser_lora_state(model, folder), adapter_name="default")
         if getattr(result, "unexpected_keys", None):
             raise UsageError(f"checkpoint {folder!r} does not fit this model's LoRA")
+        model.lora_changed()
     else:
         tuned = type(model.denoiser).from_pretrained(os.path.join(folder, model.denoiser_name))
         model.denoiser.load_state_dict(tuned.state_dict())
@@ -470,7 +559,6 @@ def load_checkpoint_for_inference(model: DiffusionModel, checkpoint: str, adapte
     LoRA layers the model lacks, RTDMD's loader skips them, and a full network of another shape
     would load on its own.
     """
-    from diffusers.utils import logging as diffusers_logging
     from peft.utils import get_peft_model_state_dict
 
     trained_from = model_name(checkpoint)
@@ -478,13 +566,15 @@ def load_checkpoint_for_inference(model: DiffusionModel, checkpoint: str, adapte
     full_dir = os.path.join(checkpoint, model.denoiser_name)
     peft_folder = os.path.isfile(os.path.join(checkpoint, PEFT_CONFIG))
     if not (os.path.isfile(checkpoint) or peft_folder or os.path.isfile(lora_file) or os.path.isdir(full_dir)):
+        sharded = (": it is a sharded --fsdp checkpoint; the final one, and one every --export-every steps, "
+                   f"also hold the consolidated {model.denoiser_name}/"
+                   ) if os.path.isdir(os.path.join(checkpoint, SHARDED_DIR)) else ""
         raise UsageError(f"checkpoint {checkpoint!r} has neither {LORA_FILE} nor a {model.denoiser_name}/ folder, "
-                         f"nor the {PEFT_CONFIG} of a PEFT adapter")
+                         f"nor the {PEFT_CONFIG} of a PEFT adapter{sharded}")
     problem = None
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # its multi-line report becomes our one line
     try:
-        with warnings.catch_warnings():
+        # diffusers' multi-line report becomes our one line
+        with diffusers_quiet(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if os.path.isfile(checkpoint):
                 problem = _add_lora_adapter(model, torch.load(checkpoint, map_location="cpu", weights_only=True),
@@ -513,8 +603,6 @@ def load_checkpoint_for_inference(model: DiffusionModel, checkpoint: str, adapte
     except Exception as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         problem = next((line for line in lines if line.startswith("size mismatch")), lines[0])
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
     if problem:
         origin = f"trained from {trained_from!r}" if trained_from else "base model not recorded"
         raise UsageError(f"checkpoint {checkpoint!r} ({origin}) does not fit model {model.pipe.name_or_path!r}: {problem}")

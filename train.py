@@ -48,6 +48,8 @@ def main(cfg: TrainConfig) -> None:
     training.validate(cfg)
     dist = utils.init_distributed(cfg.device)
     cfg = training.check_same_run(cfg, dist.world_size)
+    if (warning := training.memory_warning(cfg)) and dist.is_main:
+        print(warning, file=sys.stderr, flush=True)
     cfg = training.resolved(cfg, models.detect_family(cfg.model))
     # A run dir that exists may be another training's: find out before minutes of loading. A new one is
     # created only once everything has loaded, so that bad input leaves nothing behind.

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
@@ -47,8 +48,16 @@ class TrainConfig(SamplerOptions, TextEncoderOptions, DeviceOption, RewardSource
     lora_rank: int | None = None  # LoRA rank on the attention projections; default 32
     lora_alpha: float | None = None  # LoRA alpha (scale = alpha / rank); default 32 (SD, SDXL), 64 (SD3, as FDFO and RTDMD)
     full_finetune: bool = False  # train every weight of the UNet or transformer instead of LoRA (a frozen copy is the KL base)
+    # with --full-finetune: shard the denoiser, the frozen base, gradients and optimizer state over the processes
+    # (FSDP2), with sharded checkpoints (torch.distributed.checkpoint) in a run dir all processes share
+    fsdp: bool = False
+    # with --fsdp: also write a consolidated unet/ (SD3: transformer/) folder every this many steps (0: the final one only)
+    export_every: int = 0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # autocast dtype; auto = bf16 on GPU, none on CPU
     gradient_checkpointing: bool = False  # recompute the UNet, VAE decoder and reward tower in backward to save memory
+    # also recompute the denoiser's own blocks in backward (diffusers' enable_gradient_checkpointing), so that
+    # backward holds one block's activations instead of a whole call's; one more forward per graph step
+    checkpoint_blocks: bool = False
     seed: int = 0  # seeds data order, noise and truncation draws; same results on any number of GPUs
     run_dir: str = "runs/draftp"  # where checkpoints, log.jsonl and validation grids go
     save_every: int = 100  # checkpoint every this many steps (and at the end)
@@ -66,7 +75,7 @@ def validate(cfg: TrainConfig) -> None:
                                lora_rank=cfg.lora_rank, save_every=cfg.save_every, log_every=cfg.log_every,
                                max_bad_steps=cfg.max_bad_steps, val_prompts=cfg.val_prompts)
     generation.validate_shared_options(cfg)
-    for name in ("val_every", "warmup_steps", "lv_samples"):
+    for name in ("val_every", "warmup_steps", "lv_samples", "export_every"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"{utils.flag(name)} must be >= 0, got {getattr(cfg, name)}")
     low, high = cfg.truncation_range or (cfg.truncation_steps, cfg.truncation_steps)
@@ -84,6 +93,15 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(f"{utils.flag(name)} must be positive, got {getattr(cfg, name)}")
     if cfg.kl_coeff < 0 or cfg.weight_decay < 0:
         raise UsageError("--kl-coeff and --weight-decay must be >= 0")
+    if cfg.fsdp and not cfg.full_finetune:
+        raise UsageError("--fsdp shards full fine-tuning: add --full-finetune (LoRA gradients are a few MB, "
+                         "one all-reduce serves them best)")
+    if cfg.fsdp and cfg.truncation_range:
+        # Sharded networks gather their weights in every call, so all processes must make the same calls;
+        # K drawn per trajectory gives them different numbers of KL calls.
+        raise UsageError("--fsdp and --truncation-range exclude each other: use a fixed --truncation-steps")
+    if cfg.fsdp and cfg.mixed_precision == "fp16":
+        raise UsageError("--fsdp trains in bf16 or fp32 (--mixed-precision bf16, auto or no); fp16 is not supported")
     rewards.parse_reward_spec(cfg.reward)
     prompt_sets.load_prompts(cfg.prompts)
 
@@ -96,6 +114,15 @@ def resolved(cfg: TrainConfig, family: str) -> TrainConfig:
         cfg = replace(cfg, resolution=models.FAMILY_DEFAULTS[family].get("train_resolution"))
     validate(cfg)
     return cfg
+
+
+def memory_warning(cfg: TrainConfig) -> str | None:
+    """K > 1 without checkpointing keeps a whole network call's activations per graph step: say so."""
+    highest = cfg.truncation_range[1] if cfg.truncation_range else cfg.truncation_steps
+    if highest <= 1 or cfg.gradient_checkpointing:
+        return None
+    return (f"warning: K up to {highest} without --gradient-checkpointing keeps {highest} UNet calls' activations "
+            "for backward, so memory grows with K; --gradient-checkpointing keeps it flat in K")
 
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -160,6 +187,7 @@ class Trainer:
     scaler: torch.amp.GradScaler
     stream: PromptStream
     amp: torch.dtype | None
+    sharded: bool = False  # the UNet and its base copy are FSDP-sharded over the processes
 
     def autocast(self):
         return torch.autocast(self.dist.device.type, dtype=self.amp, enabled=self.amp is not None)
@@ -189,6 +217,8 @@ class Trainer:
         self.set_lr(step)
         scores, kls, losses, truncations = [], [], [], []
         for micro in range(cfg.grad_accum):
+            if self.sharded:  # reduce-scatter the gradients once, after the last micro-batch
+                self.model.unet.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
             positions = micro_batch_positions(cfg, step, micro, self.dist)
             batch_prompts = [self.stream.prompt(p) for p in positions]
             seeds = [self.stream.noise_seed(p) for p in positions]
@@ -208,16 +238,19 @@ class Trainer:
         # On the run's device: NCCL serves CUDA tensors only.
         summary = torch.stack([torch.stack(losses).mean(), torch.stack(kls).mean()]).to(self.dist.device)
         params = models.trainable_parameters(self.model)
-        utils.all_reduce_mean_([p.grad for p in params if p.grad is not None] + [summary])
+        # FSDP has averaged the sharded gradients in backward already
+        gradients = [] if self.sharded else [p.grad for p in params if p.grad is not None]
+        utils.all_reduce_mean_(gradients + [summary])
         loss_value, kl_value = summary.tolist()
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
         # With fp16 an overflowing gradient is the scaler calibrating: it skips that update and halves
         # its scale. Without a scaler, a non-finite gradient has no such reading.
         applied = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if applied:
             self.scaler.step(self.optimizer)
+            self.model.lora_changed()
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         bad = not math.isfinite(loss_value) or (not applied and (scale is None or scale < LOSS_SCALE_FLOOR))
@@ -245,7 +278,7 @@ class Trainer:
 
     @torch.no_grad()
     def validation_grid(self, step: int, val_prompts: list[str]):
-        """Base and tuned side by side on the same noise, each captioned with its reward."""
+        """Base and tuned side by side on the same noise, each captioned with its reward; rank 0 writes it."""
         seeds = [utils.derive_seed(self.cfg.seed, 3, i) for i in range(len(val_prompts))]
         with self.autocast():
             base_images, _ = self.rollout(val_prompts, seeds, 0, base_only=True)
@@ -255,12 +288,41 @@ class Trainer:
         rows = [list(pair) for pair in zip(utils.to_pil(base_images), utils.to_pil(tuned_images))]
         captions = [[f"base {b:.3g}\n{prompt}", f"tuned {t:.3g}"]
                     for prompt, b, t in zip(val_prompts, base_scores.tolist(), tuned_scores.tolist())]
-        grid = utils.image_grid(rows, captions, header=["base", f"step {step}"])
-        folder = os.path.join(self.cfg.run_dir, "val")
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"step-{step:07d}.png")
-        utils.write_atomic_file(path, lambda tmp: grid.save(tmp, format="PNG"))
+        if self.dist.is_main:
+            grid = utils.image_grid(rows, captions, header=["base", f"step {step}"])
+            folder = os.path.join(self.cfg.run_dir, "val")
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, f"step-{step:07d}.png")
+            utils.write_atomic_file(path, lambda tmp: grid.save(tmp, format="PNG"))
         return {"val_reward_base": base_scores.mean().item(), "val_reward_tuned": tuned_scores.mean().item()}
+
+
+def full_value(norm: torch.Tensor) -> float:
+    """The global gradient norm; with sharded parameters it is a DTensor whose value every rank holds."""
+    return (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding (FSDP2)
+
+
+def shard_units(network: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks to shard one by one: a UNet's down, mid and up blocks; a transformer's blocks."""
+    units = [*getattr(network, "down_blocks", []), getattr(network, "mid_block", None),
+             *getattr(network, "up_blocks", []), *getattr(network, "transformer_blocks", [])]
+    return [unit for unit in units if unit is not None]
+
+
+def shard(model: models.DiffusionModel, amp: torch.dtype | None) -> None:
+    """Shard the trainable UNet and its frozen base per block, so a process holds 1/world of their
+    weights (and of the gradients and optimizer state) and gathers one block's at a time."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32)
+    for network, mp_policy in ((model.unet, policy), (model.frozen_base, MixedPrecisionPolicy())):
+        for unit in shard_units(network):
+            fully_shard(unit, mp_policy=mp_policy)
+        fully_shard(network, mp_policy=mp_policy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,22 +334,36 @@ def run_record(cfg: TrainConfig, world_size: int) -> dict:
     return {**asdict(cfg), "world_size": world_size}
 
 
-def save_checkpoint(trainer: Trainer, step: int) -> str:
-    """Rank 0 writes the tuned weights, optimizer, RNG and data position, and the config, atomically.
+def save_checkpoint(trainer: Trainer, step: int, export: bool) -> str:
+    """Write the tuned weights, optimizer, RNG and data position, and the config, atomically: into a
+    temporary folder renamed into place, so a killed save leaves nothing a resume would read.
 
-    Every rank's weight fingerprint is recorded too: they must agree, and a mismatch means the
-    ranks drifted apart (non-deterministic kernels, a missed all-reduce)."""
-    fingerprints = utils.gather_objects(weights_fingerprint(trainer.model))
-    folder = utils.checkpoint_dir(trainer.cfg.run_dir, step)
+    Unsharded, rank 0 writes everything, and every rank's weight fingerprint is recorded: they must
+    agree, and a mismatch means the ranks drifted apart (non-deterministic kernels, a missed
+    all-reduce). With --fsdp every rank writes its shards (`export`: rank 0 also a consolidated unet/)."""
+    cfg = trainer.cfg
+    folder = utils.checkpoint_dir(cfg.run_dir, step)
+    tmp = os.path.join(os.path.dirname(folder), ".tmp-" + os.path.basename(folder))  # the same name on every rank
     if trainer.dist.is_main:
-        def write(tmp):
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    utils.barrier()
+    if cfg.fsdp:
+        save_sharded(trainer, tmp, export)
+        fingerprints = None
+    else:
+        fingerprints = utils.gather_objects(weights_fingerprint(trainer.model))
+        if trainer.dist.is_main:
             models.save_tuned(trainer.model, tmp)
-            torch.save({"optimizer": trainer.optimizer.state_dict(), "scaler": trainer.scaler.state_dict(),
-                        "rng": torch.get_rng_state()}, os.path.join(tmp, "trainer_state.pt"))
-            utils.save_json(os.path.join(tmp, "state.json"), {"step": step, "rank_fingerprints": fingerprints})
-            utils.save_json(os.path.join(tmp, "config.json"), run_record(trainer.cfg, trainer.dist.world_size))
-
-        utils.write_atomic_dir(folder, write)
+    if trainer.dist.is_main:
+        optimizer = {} if cfg.fsdp else {"optimizer": trainer.optimizer.state_dict()}
+        torch.save({**optimizer, "scaler": trainer.scaler.state_dict(), "rng": torch.get_rng_state()},
+                   os.path.join(tmp, "trainer_state.pt"))
+        utils.save_json(os.path.join(tmp, "state.json"), {"step": step, "rank_fingerprints": fingerprints})
+        utils.save_json(os.path.join(tmp, "config.json"), run_record(cfg, trainer.dist.world_size))
+        if os.path.exists(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
     utils.barrier()
     return folder
 
@@ -300,12 +376,52 @@ def weights_fingerprint(model: models.DiffusionModel) -> str:
     return digest.hexdigest()
 
 
+def save_sharded(trainer: Trainer, folder: str, export: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    unet = trainer.model.unet
+    model_state, optimizer_state = get_state_dict(unet, trainer.optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.save(state, checkpoint_id=os.path.join(folder, models.SHARDED_DIR))
+    if not export:
+        return
+    # A collective: every rank sends its shards, rank 0 receives the whole UNet on the CPU.
+    full = get_model_state_dict(unet, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if trainer.dist.is_main:
+        unet_dir = os.path.join(folder, trainer.model.denoiser_name)  # unet/ or transformer/, as save_tuned
+        os.makedirs(unet_dir)
+        # The config names the model's own class, not FSDP's wrapper of it, so that stock loaders read it.
+        config = json.loads(unet.to_json_string())
+        config["_class_name"] = next(c for c in type(unet).__mro__ if not issubclass(c, FSDPModule)).__name__
+        utils.save_json(os.path.join(unet_dir, "config.json"), config)
+        save_file({name: tensor.contiguous() for name, tensor in full.items()},
+                  os.path.join(unet_dir, "diffusion_pytorch_model.safetensors"))
+
+
+def restore_sharded(trainer: Trainer, folder: str) -> None:
+    """The sharded UNet and optimizer, resharded by torch.distributed.checkpoint onto any number of processes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    unet = trainer.model.unet
+    model_state, optimizer_state = get_state_dict(unet, trainer.optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=os.path.join(folder, models.SHARDED_DIR))
+    set_state_dict(unet, trainer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
 def restore_checkpoint(trainer: Trainer, folder: str) -> int:
     """Load weights, optimizer, RNG and position; a damaged checkpoint ends in one line."""
     try:
-        models.load_tuned_into_training(trainer.model, folder)
         state = torch.load(os.path.join(folder, "trainer_state.pt"), map_location="cpu", weights_only=True)
-        trainer.optimizer.load_state_dict(state["optimizer"])
+        if trainer.cfg.fsdp:
+            restore_sharded(trainer, folder)
+        else:
+            models.load_tuned_into_training(trainer.model, folder)
+            trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         with open(os.path.join(folder, "state.json")) as f:
@@ -322,7 +438,7 @@ def restore_checkpoint(trainer: Trainer, folder: str) -> int:
 FAMILY_DEFAULTED = (*models.FAMILY_DEFAULTS["sd"], "resolution")
 # Fields a resume may change: they shape neither the weights nor the data order.
 MUTABLE_ON_RESUME = {"steps", "save_every", "val_every", "log_every", "wandb", "wandb_project", "device",
-                     "offload_text_encoders"}
+                     "offload_text_encoders", "export_every", "run_dir"}  # a run dir may be moved or copied
 
 
 def check_same_run(cfg: TrainConfig, world_size: int) -> TrainConfig:
@@ -373,21 +489,28 @@ def keep_global_batch(cfg: TrainConfig, previous: dict, previous_world: int, wor
 def build(cfg: TrainConfig, dist: utils.Dist) -> Trainer:
     cfg = resolved(cfg, models.detect_family(cfg.model))
     amp = autocast_dtype(cfg, dist.device)
-    weights_dtype = amp if (amp is not None and not cfg.full_finetune) else torch.float32
-    model = models.load_model(cfg.model, dist.device, weights_dtype, cfg.scheduler, generation.text_encoding(cfg))
+    weights_dtype = amp or torch.float32  # of everything frozen; trainable weights are fp32
+    # Full fine-tuning starts from the checkpoint's own precision, then casts what stays frozen.
+    model = models.load_model(cfg.model, dist.device, torch.float32 if cfg.full_finetune else weights_dtype,
+                              cfg.scheduler, generation.text_encoding(cfg))
     generation.checked_resolution(model, cfg.resolution)
     if cfg.full_finetune:
-        models.enable_full_finetune(model)
+        models.enable_full_finetune(model, weights_dtype)
     else:
         models.attach_lora(model, cfg.lora_rank, cfg.lora_alpha)
     if cfg.gradient_checkpointing:
-        models.enable_gradient_checkpointing(model)
+        model.pipe.vae.enable_gradient_checkpointing()
+    if cfg.checkpoint_blocks:
+        model.denoiser.enable_gradient_checkpointing()
+    sharded = cfg.fsdp and dist.world_size > 1
+    if sharded:
+        shard(model, amp)
     reward = rewards.load_reward(cfg.reward, rewards.parse_reward_sources(cfg.reward_source), dtype=weights_dtype,
                                  device=dist.device, gradient_checkpointing=cfg.gradient_checkpointing)
     optimizer = torch.optim.AdamW(models.trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp == torch.float16)
     stream = PromptStream(prompt_sets.load_prompts(cfg.prompts), cfg.seed)
-    return Trainer(cfg, dist, model, reward, optimizer, scaler, stream, amp)
+    return Trainer(cfg, dist, model, reward, optimizer, scaler, stream, amp, sharded)
 
 
 def start_wandb(cfg: TrainConfig, start: int):
@@ -425,16 +548,16 @@ def run_steps(trainer: Trainer, start: int, log: utils.JsonlLog, run, val_prompt
     Returns the last checkpoint written."""
     cfg, dist = trainer.cfg, trainer.dist
     bad_streak, saved = 0, None
+    memory = utils.MemoryMeter(dist.device)
     bar = tqdm(total=cfg.steps, initial=start, disable=not dist.is_main, desc="train", dynamic_ncols=True)
     for step in range(start, cfg.steps):
         done = step + 1
         timer = utils.Timer()
-        if dist.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dist.device)
+        memory.reset_peak()
         record = trainer.step(step)
         seconds = timer.seconds()
         record.update(step=done, sec_per_step=seconds, images_per_s=global_batch(cfg, dist.world_size) / seconds,
-                      peak_mem_mb=utils.peak_memory_mb(dist.device))
+                      peak_mem_mb=memory.peak_mb(), mem_growth_mb=memory.growth_mb())
         bad_streak = bad_streak + 1 if record["bad"] else 0
         if record["bad"]:
             bar.write(f"warning: non-finite loss or gradient at step {done}; optimizer step skipped", file=sys.stderr)
@@ -442,7 +565,7 @@ def run_steps(trainer: Trainer, start: int, log: utils.JsonlLog, run, val_prompt
                 bar.close()
                 raise Diverged(f"{bad_streak} bad steps in a row at step {done}")
         if cfg.val_every and (done % cfg.val_every == 0 or done == cfg.steps):
-            if dist.is_main:
+            if dist.is_main or trainer.sharded:  # sharded networks need every rank in each call
                 record.update(trainer.validation_grid(done, val_prompts))
             utils.barrier()
         if dist.is_main:
@@ -455,6 +578,7 @@ def run_steps(trainer: Trainer, start: int, log: utils.JsonlLog, run, val_prompt
         # Inside a run of bad steps nothing is saved, so the newest checkpoint stays a good one; the
         # last step is always saved (a bad step changed no weight).
         if done == cfg.steps or (bad_streak == 0 and done % cfg.save_every == 0):
-            saved = save_checkpoint(trainer, done)
+            export = done == cfg.steps or bool(cfg.export_every and done % cfg.export_every == 0)
+            saved = save_checkpoint(trainer, done, export)
     bar.close()
     return saved

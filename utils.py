@@ -8,7 +8,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import socket
 import sys
 import time
@@ -253,22 +252,6 @@ def hold_run_dir(run_dir: str):
     return handle
 
 
-def write_atomic_dir(final_path: str, write_into) -> None:
-    """Call `write_into(tmp_dir)`, then rename tmp_dir to `final_path` in one step.
-
-    A killed process leaves at most a `.tmp-` folder, which readers ignore, never a partial
-    `final_path`.
-    """
-    parent, name = os.path.split(final_path.rstrip("/"))
-    tmp = os.path.join(parent, f".tmp-{name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    write_into(tmp)
-    if os.path.exists(final_path):
-        shutil.rmtree(final_path)
-    os.replace(tmp, final_path)
-
-
 def write_atomic_file(path: str, write_into) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     write_into(tmp)
@@ -353,13 +336,42 @@ def _at_least(image, side: int):
     return image.resize((image.width * factor, image.height * factor), resample=0)
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated accelerator memory, or the process's peak RSS on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
+class MemoryMeter:
+    """Memory of the training steps: the CUDA allocator's on a GPU, the resident set on the CPU (Linux).
+    `peak_mb()` is the peak since the last `reset_peak()`, `growth_mb()` that peak above what was
+    resident when the meter was made (the loaded models), the figure that sharding changes."""
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.baseline_mb = self._resident_mb()
+
+    def _resident_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device) / 2**20
+        return _proc_status_kb("VmRSS") / 1024
+
+    def reset_peak(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM, the peak resident set
+
+    def peak_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return _proc_status_kb("VmHWM") / 1024
+
+    def growth_mb(self) -> float:
+        return self.peak_mb() - self.baseline_mb
+
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 # ---------------------------------------------------------------------------------------------

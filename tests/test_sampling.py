@@ -245,3 +245,30 @@ def test_lv_renoises_to_the_last_steps_noise_level(tiny_sd):
             out = sampling.guided_output(tuned, scheduler, x_t, t_last, 3.0)
             expected.append(scheduler.step(out, t_last, x_t).prev_sample)
     assert torch.allclose(result.latents, torch.cat(expected), atol=1e-6)
+
+
+def test_merged_lora_sampling_equals_the_lora_layers_and_the_base_switch_equals_peft(tiny_sd):
+    model = lora_model(tiny_sd, perturb=0.05)
+    cond = models.encode_prompts(model, PROMPTS, True, RES)
+    x = torch.randn(4, 4, RES // 2, RES // 2, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor(500)
+    with torch.no_grad():
+        merged = models.tuned_denoiser(model, cond)(x, t)  # no graph: merged weights
+        layered = models.make_denoiser(model.unet, cond)(x, t)
+        base = models.base_denoiser(model, cond)(x, t)
+        model.unet.disable_adapters()
+        peft_base = models.make_denoiser(model.unet, cond)(x, t)
+        model.unet.enable_adapters()
+    assert (merged - base).abs().max() > 1e-3  # the LoRA matters
+    assert torch.allclose(merged, layered, atol=1e-5)
+    assert torch.equal(base, peft_base)
+    assert all(p.requires_grad for p in models.trainable_parameters(model))  # the switch left them trainable
+    # after the LoRA weights change, the next no-grad call merges again
+    with torch.no_grad():
+        for name, param in model.unet.named_parameters():
+            if "lora_B" in name:
+                param.mul_(2)
+    model.lora_changed()
+    with torch.no_grad():
+        assert torch.allclose(models.tuned_denoiser(model, cond)(x, t), models.make_denoiser(model.unet, cond)(x, t),
+                              atol=1e-5)

@@ -26,7 +26,7 @@ import training
 import utils
 from conftest import ROOT
 from test_anneal import write_lora_checkpoint
-from test_sdxl import (assert_linear_lies_between_base_and_draft, gradients_without_and_with_checkpointing,
+from test_sdxl import (assert_linear_lies_between_base_and_draft, gradients_by_checkpointing,
                        metrics_of_base_and_tuned, train_config, trained_on_a_fixed_batch, write_full_checkpoint)
 
 PROMPTS = ["a red circle", "a blue cube"]  # short: the tiny CLIP tokenizers hold 16 characters
@@ -344,20 +344,20 @@ def test_saved_lora_loads_into_a_stock_sd3_pipeline_and_reproduces_our_images(tr
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd3, tiny_clip, tmp_path):
-    (plain_trainer, plain), (checkpointed_trainer, checkpointed) = gradients_without_and_with_checkpointing(
-        tiny_sd3, tiny_clip, tmp_path)
-    # the transformer's blocks too, besides the sampler's one-call checkpoint and the VAE decoder
-    assert not plain_trainer.model.denoiser.gradient_checkpointing
-    assert checkpointed_trainer.model.denoiser.gradient_checkpointing
+    (plain_trainer, plain), *others = gradients_by_checkpointing(tiny_sd3, tiny_clip, tmp_path)
     assert plain.abs().max() > 0
-    assert torch.allclose(plain, checkpointed, rtol=1e-4, atol=1e-7)
+    for trainer, other in others:
+        # --checkpoint-blocks: each transformer block recomputed in backward
+        assert trainer.model.denoiser.gradient_checkpointing == trainer.cfg.checkpoint_blocks
+        assert torch.allclose(plain, other, rtol=1e-4, atol=1e-7)
+    assert not plain_trainer.model.denoiser.gradient_checkpointing
 
 
 def test_full_finetune_saves_a_transformer_folder(tiny_sd3, tiny_clip, tmp_path):
     cfg = train_config(tiny_sd3, tiny_clip, tmp_path, full_finetune=True, batch_size=2, lr=1e-3)
     trainer = training.build(cfg, utils.init_distributed("cpu"))
     trainer.step(0)
-    folder = training.save_checkpoint(trainer, 1)
+    folder = training.save_checkpoint(trainer, 1, export=True)
     tuned = SD3Transformer2DModel.from_pretrained(os.path.join(folder, "transformer"))
     base = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer")
     assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), base.parameters()))

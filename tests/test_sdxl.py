@@ -183,12 +183,14 @@ def test_saved_lora_loads_into_a_stock_sdxl_pipeline_and_reproduces_our_images(t
                                                   models.trainable_parameters(trainer.model)))
 
 
-def gradients_without_and_with_checkpointing(model, tiny_clip, run_dir) -> list[tuple[training.Trainer, torch.Tensor]]:
-    """(trainer, gradient of KL - reward over a K=2 rollout) with --gradient-checkpointing off, then on."""
+def gradients_by_checkpointing(model, tiny_clip, run_dir) -> list[tuple[training.Trainer, torch.Tensor]]:
+    """(trainer, gradient of KL - reward over a K=2 rollout) for each combination of --gradient-checkpointing
+    and --checkpoint-blocks, the plain one first."""
     results = []
-    for checkpointing in (False, True):
-        cfg = train_config(model, tiny_clip, run_dir, batch_size=2, gradient_checkpointing=checkpointing)
-        torch.manual_seed(0)  # the same LoRA A matrices in both
+    for checkpointing, blocks in ((False, False), (True, False), (True, True), (False, True)):
+        cfg = train_config(model, tiny_clip, run_dir, batch_size=2, gradient_checkpointing=checkpointing,
+                           checkpoint_blocks=blocks)
+        torch.manual_seed(0)  # the same LoRA A matrices in all
         trainer = training.build(cfg, utils.init_distributed("cpu"))
         with torch.no_grad():
             for name, param in trainer.model.denoiser.named_parameters():
@@ -201,9 +203,10 @@ def gradients_without_and_with_checkpointing(model, tiny_clip, run_dir) -> list[
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_sdxl, tiny_clip, tmp_path):
-    (_, plain), (_, checkpointed) = gradients_without_and_with_checkpointing(tiny_sdxl, tiny_clip, tmp_path)
+    (_, plain), *others = gradients_by_checkpointing(tiny_sdxl, tiny_clip, tmp_path)
     assert plain.abs().max() > 0
-    assert torch.allclose(plain, checkpointed, rtol=1e-4, atol=1e-7)
+    for _, other in others:
+        assert torch.allclose(plain, other, rtol=1e-4, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------

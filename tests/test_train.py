@@ -379,3 +379,26 @@ def test_full_finetune_trains_and_resumes_to_the_same_weights(tiny_sd, tiny_clip
     base = load_file(os.path.join(tiny_sd, "unet", "diffusion_pytorch_model.safetensors"))
     assert_same_weights(unet_weights(resumed, 3), unet_weights(straight, 3), atol=0.0)
     assert max((unet_weights(straight, 3)[k] - base[k]).abs().max().item() for k in base) > 0
+
+
+def test_merged_sampling_changes_no_loss_or_weight(tiny_sd, tiny_clip, prompt_file, tmp_path):
+    results = []
+    for merged in (True, False):
+        cfg = training.TrainConfig(model=tiny_sd, reward_source=[f"pickscore={tiny_clip}"], prompts=prompt_file,
+                                   inference_steps=6, truncation_steps=2, guidance_scale=3.0, lora_rank=4,
+                                   lr=3e-2, resolution=32, batch_size=2, run_dir=str(tmp_path))
+        torch.manual_seed(0)
+        trainer = training.build(cfg, training.utils.init_distributed("cpu"))
+        trainer.model.merged_sampling = merged
+        results.append([trainer.step(step)["loss"] for step in range(3)])
+    assert len(set(results[0])) == 3  # the weights moved between the steps
+    # (the weights themselves are not compared: Adam's normalisation turns rounding-level gradient
+    # differences of near-zero gradients into steps of the learning rate's size)
+    assert results[0] == pytest.approx(results[1], abs=1e-5)
+
+
+def test_k_above_one_without_checkpointing_warns_of_the_memory():
+    assert training.memory_warning(training.TrainConfig(truncation_steps=1)) is None
+    assert training.memory_warning(training.TrainConfig(truncation_steps=10, gradient_checkpointing=True)) is None
+    for cfg in (training.TrainConfig(truncation_steps=10), training.TrainConfig(truncation_range=(1, 10))):
+        assert "K up to 10 without --gradient-checkpointing" in training.memory_warning(cfg)

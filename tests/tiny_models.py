@@ -51,8 +51,10 @@ def clip_text_config(**overrides):
     return CLIPTextConfig(**settings)
 
 
-def make_tiny_sd(folder: str, prediction_type: str = "epsilon", seed: int = 0) -> str:
-    """A Stable Diffusion 1.x/2.x pipeline folder (UNet, VAE, CLIP text encoder, DDIM)."""
+def make_tiny_sd(folder: str, prediction_type: str = "epsilon", seed: int = 0,
+                 block_out_channels: tuple[int, int] = (16, 32)) -> str:
+    """A Stable Diffusion 1.x/2.x pipeline folder (UNet, VAE, CLIP text encoder, DDIM); wider
+    `block_out_channels` make a UNet whose weights, not activations, dominate training memory."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -61,7 +63,7 @@ def make_tiny_sd(folder: str, prediction_type: str = "epsilon", seed: int = 0) -
         sample_size=16,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(16, 32),
+        block_out_channels=block_out_channels,
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
