@@ -28,7 +28,7 @@ import itertools
 import json
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -47,7 +47,9 @@ DIVERSITY_SIDE = 64
 
 @dataclass(kw_only=True)
 class AnnealConfig(generation.InferenceOptions, generation.RewardSourceOption):
-    checkpoint: str  # training checkpoint folder, e.g. runs/NAME/checkpoints/step-0001000
+    # tuned weights, applied in order: training checkpoint folders (runs/NAME/checkpoints/step-0001000), FDFO
+    # adapter folders, RTDMD .pt LoRAs (stacked: cold start, then RL)
+    checkpoint: tuple[str, ...]
     # tuned-model weight w at step i of N: base 0, draft 1, linear i/N, power_P (i/N)^P, step_F 1 once i/N >= F
     weighing: tuple[str, ...] = sampling.DEFAULT_WEIGHINGS
     prompts: str = "eval_small"  # bundled prompt set name, or a .txt/.json/.jsonl file
@@ -63,6 +65,8 @@ def validate(cfg: AnnealConfig) -> None:
     """Everything that can be checked before loading or writing anything."""
     utils.require_at_least_one(num_images=cfg.num_images,
                                max_prompts=1 if cfg.max_prompts is None else cfg.max_prompts)
+    if not cfg.checkpoint:
+        raise UsageError("--checkpoint needs at least one checkpoint: annealing mixes a tuned model with its base")
     generation.validate_shared_options(cfg)
     weighing_names(cfg)
     for i, name in enumerate(cfg.score):
@@ -240,10 +244,7 @@ def main(cfg: AnnealConfig) -> None:
     validate(cfg)
     weighings, all_prompts = weighing_names(cfg), chosen_prompts(cfg)
     dist = utils.init_distributed(cfg.device)
-    model, resolution = generation.load_for_inference(cfg.model, cfg.checkpoint, dist.device,
-                                                      generation.inference_dtype(cfg.dtype, dist.device),
-                                                      cfg.scheduler, cfg.resolution)
-    cfg = replace(cfg, resolution=resolution)
+    model, cfg = generation.load_for_inference(cfg, cfg.checkpoint, dist.device)
     reward = None
     if cfg.score:
         # float32 whatever the generation dtype: bf16 would quantise a PickScore near 21 to steps of 0.125

@@ -1,16 +1,18 @@
 """Time and memory of a DRaFT+ training step, as ratios from one run (nothing here is a test).
 
-    python bench.py                      # tiny SD model built on the fly, CPU
+    python bench.py                      # tiny SD, SDXL and SD3 models built on the fly, CPU
     python bench.py --resolution 256 --repeats 5
+    python bench.py --families SD3         # one family only
 
-Prints, for a tiny SD model and then a tiny SDXL model:
+Prints, for a tiny SD, a tiny SDXL and a tiny SD3.5 model:
   (a) time of one DRaFT+ step (KL on) / time of the stock diffusers pipeline sampling the same batch
       (CFG, batch 2, decoded) at (N, K) = (50, 1), (10, 1), (50, 10) and (50, 10) with gradient
       checkpointing, with the merged-LoRA no-grad path and without it;
   (b) peak memory of a K=1 step at N=50 / at N=10;
   (c) peak memory of a K=10 step with and without gradient checkpointing / of a K=1 step;
-and where a step's time goes, in units of one no-grad UNet call; then a 2-process full fine-tune of a
-wider tiny SD UNet through train.py with and without --fsdp: step time and peak memory growth per rank.
+and where a step's time goes, in units of one no-grad call of the UNet (SD3: transformer); then (with SD
+among --families) a 2-process full fine-tune of a wider tiny SD UNet through train.py with and without
+--fsdp: step time and peak memory growth per rank.
 Memory is the growth of the peak resident set above the footprint after the models are loaded,
 each configuration in a fresh process (on a GPU run it would be torch.cuda.max_memory_allocated).
 """
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import tyro
@@ -36,8 +39,9 @@ class BenchConfig:
     batch_size: int = 2  # prompts per step and per pipeline call
     repeats: int = 3  # timed repetitions per configuration (the median is reported)
     guidance_scale: float = 7.5  # CFG scale for both the pipeline and the training step
-    lora_rank: int = 4  # LoRA rank; the tiny UNet's attention is 16-32 wide, so 32 would dwarf it
+    lora_rank: int = 4  # LoRA rank; the tiny models' attention is 16-32 wide, so 32 would dwarf it
     threads: int = 1  # torch CPU threads; 1 keeps timings steady when other processes share the cores
+    families: tuple[Literal["SD", "SDXL", "SD3"], ...] = ("SD", "SDXL", "SD3")  # the tiny models to measure, in order
     fsdp_resolution: int = 32  # image side of the 2-process full fine-tune with and without --fsdp
 
 
@@ -96,8 +100,9 @@ def time_ratio(bench: BenchConfig, model: str, clip: str, steps: int, truncation
     from utils import generators
 
     trainers = [make_trainer(bench, model, clip, steps, truncation, checkpointing, merged) for merged in (True, False)]
-    # The stock pipeline object, sampling with DDIM as the training step does (SDXL ships Euler).
-    pipe = models.load_model(model, torch.device("cpu"), scheduler="ddim").pipe
+    # The stock pipeline object, sampling with the training step's scheduler (DDIM for SD and SDXL, which
+    # ships Euler; SD3's own flow-match Euler).
+    pipe = models.load_model(model, torch.device("cpu"), scheduler=trainers[0].cfg.scheduler).pipe
     step_counter = iter(range(10**6))
 
     def pipeline_call():
@@ -259,11 +264,14 @@ def main(bench: BenchConfig) -> None:
     torch.set_num_threads(bench.threads)
     with tempfile.TemporaryDirectory() as folder:
         clip = tiny_rewards.make_tiny_clip(os.path.join(folder, "clip"))
-        report(bench, "SD", tiny_models.make_tiny_sd(os.path.join(folder, "sd")), clip)
-        report(bench, "SDXL", tiny_models.make_tiny_sdxl(os.path.join(folder, "sdxl")), clip)
-        # Wide enough that weights, gradients and Adam state, not activations, dominate, as in real full fine-tuning.
-        wide = tiny_models.make_tiny_sd(os.path.join(folder, "wide"), block_out_channels=(128, 256))
-        report_fsdp(bench, wide, clip, folder)
+        factories = {"SD": tiny_models.make_tiny_sd, "SDXL": tiny_models.make_tiny_sdxl, "SD3": tiny_models.make_tiny_sd3}
+        for family in bench.families:
+            report(bench, family, factories[family](os.path.join(folder, family.lower())), clip)
+        if "SD" in bench.families:
+            # Wide enough that weights, gradients and Adam state, not activations, dominate, as in real full
+            # fine-tuning.
+            wide = tiny_models.make_tiny_sd(os.path.join(folder, "wide"), block_out_channels=(128, 256))
+            report_fsdp(bench, wide, clip, folder)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ the same noise as anneal.py's img_<p>_<r> with the same --seed, so the two agree
 
 import itertools
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import tyro
@@ -31,8 +31,9 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"
 
 @dataclass(kw_only=True)
 class GenerateConfig(generation.InferenceOptions):
-    # training checkpoint folder, e.g. runs/NAME/checkpoints/step-0001000; none: the base model alone
-    checkpoint: str | None = None
+    # tuned weights, applied in order: training checkpoint folders (runs/NAME/checkpoints/step-0001000), FDFO
+    # adapter folders, RTDMD .pt LoRAs (stacked: cold start, then RL); none: the base model alone
+    checkpoint: tuple[str, ...] = ()
     out: str = "out/grid.png"  # grid image to write (.png, .jpg or .webp)
     prompts: str = "eval_small"  # bundled prompt set name, or a .txt/.json/.jsonl file
     prompt: tuple[str, ...] = ()  # prompts given on the command line, used instead of --prompts
@@ -52,7 +53,7 @@ def validate(cfg: GenerateConfig) -> None:
     if cfg.side_by_side and cfg.weighing:
         raise UsageError("give --side-by-side or --weighing, not both (--side-by-side is --weighing base draft)")
     tuned_only = [name for name in weighing_names(cfg) if name != "base"]
-    if cfg.checkpoint is None and tuned_only:
+    if not cfg.checkpoint and tuned_only:
         asked = "--side-by-side" if cfg.side_by_side else f"--weighing {tuned_only[0]}"
         raise UsageError(f"{asked} needs a tuned model: give --checkpoint (without one there is only base)")
     chosen_prompts(cfg)
@@ -100,11 +101,7 @@ def main(cfg: GenerateConfig) -> None:
     validate(cfg)
     weighings, all_prompts = weighing_names(cfg), chosen_prompts(cfg)
     dist = utils.init_distributed(cfg.device)
-    model, resolution = generation.load_for_inference(cfg.model,
-                                                      cfg.checkpoint, dist.device,
-                                                      generation.inference_dtype(cfg.dtype, dist.device),
-                                                      cfg.scheduler, cfg.resolution)
-    cfg = replace(cfg, resolution=resolution)
+    model, cfg = generation.load_for_inference(cfg, cfg.checkpoint, dist.device)
     utils.ensure_writable_dir(os.path.dirname(os.path.abspath(cfg.out)))
 
     local = render_share(cfg, model, weighings, all_prompts, dist)

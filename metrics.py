@@ -13,6 +13,11 @@ fine-tuned checkpoint or any annealed mix of the two, generated here or read fro
     torchrun --nproc_per_node=8 metrics.py --checkpoint runs/sd15-pickscore/checkpoints/step-0001000 \
         --metrics pickscore hpsv2 dreamsim_diversity --prompt-set hpdv2 --num-prompts 500 --num-repeats 4 \
         --out out/sd15-pickscore-hpdv2.json
+    # RTDMD's stacked SD3.5 Medium LoRAs (cold start, then RL) with its 4-step CPS sampler
+    torchrun --nproc_per_node=8 metrics.py --model stabilityai/stable-diffusion-3.5-medium \
+        --checkpoint cold_start/generator_ema.pt rl/generator_ema.pt --sampler cps --eta 0.9 \
+        --sigmas 1.0 0.9 0.75 0.5 --guidance-scale 1 --prompt-set hpdv2 --num-prompts 3200 --num-repeats 4 \
+        --metrics hpsv2 clip_h14 clip_l14 dreamsim_diversity --out out/rtdmd-hpdv2.json
 
 Metrics. pickscore, hpsv2, hpsv21, aesthetic, clip_l14, clip_h14, imagereward, vlm_alignment,
 vlm_quality, vlm_photo: the rewards of rewards.py, averaged over a prompt's images. dreamsim_diversity:
@@ -64,7 +69,8 @@ IMAGE_FILE = re.compile(r"img_(\d+)_(\d+)\.png")
 PROMPT_FILE = re.compile(r"prompt_(\d+)\.txt")
 # Settings of generation: an --images run records none of them, as none of them shaped its images.
 GENERATION_FIELDS = ("checkpoint", "model", "weighing", "prompt_set", "num_repeats", "seed", "inference_steps",
-                     "guidance_scale", "eta", "scheduler", "resolution")
+                     "guidance_scale", "eta", "scheduler", "sigmas", "resolution", "max_sequence_length", "no_t5",
+                     "offload_text_encoders", "lora_alpha")
 STATISTICS = ("per prompt: a reward is the mean over its images, a diversity the mean over pairs of its images; "
               "per metric: mean over prompts, std (n - 1) of the per-prompt values, 95% Student-t confidence "
               "interval of the mean; values on the scale `conventions` states, `raw` the same on the metric's "
@@ -77,7 +83,9 @@ class MetricsConfig(generation.InferenceOptions, generation.RewardSourceOption):
     preset: Literal["none", "demo"] = "none"
     # metrics: rewards (pickscore hpsv2 hpsv21 aesthetic clip_l14 clip_h14 imagereward vlm_*) and dreamsim_diversity
     metrics: tuple[str, ...] = ("pickscore",)
-    checkpoint: str | None = None  # training checkpoint folder to evaluate; none: the base model alone
+    # tuned weights to evaluate, applied in order: training checkpoint folders, FDFO adapter folders, RTDMD .pt
+    # LoRAs (stacked: cold start, then RL); none: the base model alone
+    checkpoint: tuple[str, ...] = ()
     # annealed-guidance mixes to evaluate (base, draft, linear, power_P, step_F); default draft, or base with no --checkpoint
     weighing: tuple[str, ...] = ()
     images: str | None = None  # score the images of this anneal.py folder (its --out, or one weighing in it) instead of generating
@@ -282,7 +290,7 @@ def weighing_names(cfg: MetricsConfig) -> list[str]:
         return ["draft" if cfg.checkpoint else "base"]
     names = generation.weighing_list(cfg.weighing)
     tuned = [name for name in names if name != "base"]
-    if tuned and cfg.checkpoint is None:
+    if tuned and not cfg.checkpoint:
         raise UsageError(f"--weighing {tuned[0]} needs a tuned model: give --checkpoint "
                          "(without one there is only base)")
     return names
@@ -527,10 +535,7 @@ def main(cfg: MetricsConfig, hps_arch: str = rewards.HPS_ARCH) -> None:
     setup = MetricSetup(dist.device, sources, cfg.dreamsim_cache, hps_arch)
     model = None
     if cfg.images is None:
-        model, resolution = generation.load_for_inference(cfg.model,
-                                                          cfg.checkpoint, dist.device, dtype, cfg.scheduler,
-                                                          cfg.resolution)
-        cfg = replace(cfg, model=model.pipe.name_or_path, resolution=resolution)
+        model, cfg = generation.load_for_inference(cfg, cfg.checkpoint, dist.device)
     metrics = load_metrics(names, setup, dist)
     if cfg.out is not None and dist.is_main:  # now, not after hours of scoring
         utils.ensure_writable_dir(os.path.dirname(os.path.abspath(cfg.out)))

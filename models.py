@@ -1,16 +1,21 @@
-"""Loading diffusers pipelines, the per-family denoiser, prompt encoding, VAE decoding, and the
-trainable part (LoRA through peft, or a full fine-tune with a frozen copy as the base)."""
+"""Loading diffusers pipelines, the per-family denoiser, prompt encoding, VAE decoding, the
+trainable part (LoRA through peft, or a full fine-tune with a frozen copy as the base), and the
+tuned weights of other systems (FDFO's PEFT adapters, RTDMD's LoRA state dicts) as inputs."""
 
 import contextlib
 import copy
 import json
+import math
 import os
+import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from diffusers.utils.torch_utils import randn_tensor
 
 import utils
 from utils import UsageError
@@ -19,29 +24,69 @@ from utils import UsageError
 warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+_UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+# SD3's joint attention, as FDFO and RTDMD (and diffusers' SD3 LoRA script) target it: the image and
+# the text projections of each block's `attn`; the second image-only `attn2` of SD3.5's
+# dual-attention blocks stays untouched, as in both.
+LORA_TARGETS = {"sd": _UNET_ATTENTION, "sdxl": _UNET_ATTENTION,
+                "sd3": [f"attn.{name}" for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                                                    "add_v_proj", "to_add_out")]}
 LORA_FILE = "pytorch_lora_weights.safetensors"
-FULL_UNET_DIR = "unet"
-SHARDED_DIR = "sharded"  # a --fsdp checkpoint's torch.distributed.checkpoint of the UNet and optimizer
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
+# The pipeline attribute holding each family's network; a full fine-tune is saved in a folder of that name.
+DENOISERS = {"sd": "unet", "sdxl": "unet", "sd3": "transformer"}
+FULL_UNET_DIR = DENOISERS["sd"]
+SHARDED_DIR = "sharded"  # a --fsdp checkpoint's torch.distributed.checkpoint of the denoiser and optimizer
+FLOW_FAMILIES = {"sd3"}  # the network predicts a velocity; the scheduler is flow matching
 # Keyword arguments of from_pretrained that only some pipeline classes accept (others would warn).
-LOAD_KWARGS = {"sd": {"safety_checker": None, "requires_safety_checker": False}, "sdxl": {}}
+LOAD_KWARGS = {"sd": {"safety_checker": None, "requires_safety_checker": False}, "sdxl": {}, "sd3": {}}
+# Defaults of real use that depend on the family, for the flags left unset (None): SD and SDXL as
+# NeMo-Aligner's DRaFT+; SD3 as FDFO samples (40 steps; CFG 4.5, its eval/models.py run_pipe default)
+# and as FDFO and RTDMD train (LoRA rank 32, alpha 64, 512 px).
+FAMILY_DEFAULTS = {
+    "sd": dict(scheduler="ddim", inference_steps=50, guidance_scale=7.5, lora_rank=32, lora_alpha=32.0),
+    "sdxl": dict(scheduler="ddim", inference_steps=50, guidance_scale=7.5, lora_rank=32, lora_alpha=32.0),
+    "sd3": dict(scheduler="pipeline", inference_steps=40, guidance_scale=4.5, lora_rank=32, lora_alpha=64.0,
+                train_resolution=512),
+}
+# LoRA state dicts saved with torch.save (RTDMD's) do not record alpha; RTDMD trains and loads with 64.
+RTDMD_LORA_ALPHA = 64.0
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+@dataclass(frozen=True)
+class TextEncoding:
+    """How prompts are encoded where the family has a T5 encoder (SD3) and where encoders are large."""
+    max_sequence_length: int = 256  # T5 tokens, the SD3 pipeline's default
+    t5: bool = True  # False: no T5 at all (zeros in its place, as the pipeline does without text_encoder_3)
+    offload: bool = False  # keep the text encoders on the CPU except while they encode
 
 
 @dataclass
 class DiffusionModel:
-    pipe: DiffusionPipeline  # tokenizer, text encoder, VAE, scheduler and the (tuned) UNet
+    pipe: DiffusionPipeline  # tokenizers, text encoders, VAE, scheduler and the (tuned) denoiser
     family: str
     frozen_base: torch.nn.Module | None = None  # full fine-tuning only; with LoRA the base is adapters-off
+    text: TextEncoding = field(default_factory=TextEncoding)
     # no-grad calls of a LoRA model run on merged weights, at the speed of the plain network
     merged_sampling: bool = True
     _lora: "LoraLayers | None" = None
 
     @property
+    def denoiser_name(self) -> str:
+        return DENOISERS[self.family]
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network: the UNet of SD and SDXL, the MMDiT transformer of SD3."""
+        return getattr(self.pipe, self.denoiser_name)
+
+    @property
     def lora(self) -> "LoraLayers":
-        """The UNet's LoRA layers, listed on first use (after the adapters are attached or loaded)."""
+        """The denoiser's LoRA layers, listed on first use (after the adapters are attached or loaded)."""
         if self._lora is None:
-            self._lora = LoraLayers(self.unet)
+            self._lora = LoraLayers(self.denoiser)
         return self._lora
 
     def lora_changed(self) -> None:
@@ -51,7 +96,8 @@ class DiffusionModel:
 
     @property
     def unet(self) -> torch.nn.Module:
-        return self.pipe.unet
+        """The denoiser by the name the SD and SDXL code gives it."""
+        return self.denoiser
 
     @property
     def scheduler(self):
@@ -59,14 +105,18 @@ class DiffusionModel:
 
     @property
     def has_lora(self) -> bool:
-        return bool(getattr(self.unet, "peft_config", None))
+        return bool(getattr(self.denoiser, "peft_config", None))
 
     def default_resolution(self) -> int:
-        return self.unet.config.sample_size * self.pipe.vae_scale_factor
+        return self.denoiser.config.sample_size * self.pipe.vae_scale_factor
+
+    def resolution_multiple(self) -> int:
+        """Image sides must divide into latent pixels, and those into the transformer's patches."""
+        return self.pipe.vae_scale_factor * getattr(self.denoiser.config, "patch_size", 1)
 
     def latent_shape(self, batch: int, resolution: int) -> tuple[int, ...]:
         side = resolution // self.pipe.vae_scale_factor
-        return (batch, self.unet.config.in_channels, side, side)
+        return (batch, self.denoiser.config.in_channels, side, side)
 
 
 def cache_only(model: str) -> bool:
@@ -92,25 +142,42 @@ def detect_family(model: str) -> str:
     return FAMILIES[class_name]
 
 
-def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.float32, scheduler: str = "ddim") -> DiffusionModel:
-    """Load a pipeline with every part frozen; `scheduler="ddim"` swaps in DDIM built from its config."""
+def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.float32, scheduler: str | None = None,
+               text: TextEncoding = TextEncoding()) -> DiffusionModel:
+    """Load a pipeline with every part frozen. `scheduler`: "ddim" swaps in DDIM built from its config,
+    "cps" the CPS step on its flow-match schedule, "pipeline" keeps its own; default the family's."""
     family = detect_family(model)
+    scheduler = scheduler or FAMILY_DEFAULTS[family]["scheduler"]
     quiet_loading()
     try:
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, local_files_only=cache_only(model),
-                                                 **LOAD_KWARGS[family])
+                                                 **{**_components_left_out(model, text), **LOAD_KWARGS[family]})
     except Exception as error:
         raise UsageError(f"cannot load model {model!r}: {_first_line(error)}") from None
     if scheduler == "ddim":
         pipe.scheduler = ddim_from(pipe.scheduler.config)
+    elif scheduler == "cps":
+        pipe.scheduler = CPSScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     for part in pipe.components.values():
         if isinstance(part, torch.nn.Module):
             part.requires_grad_(False).eval()
     if _upcasts_vae(family, pipe.vae) and pipe.vae.dtype == torch.float16:
         pipe.vae.float()  # for good: switching dtypes around a decode that keeps its graph would break backward
-    pipe.to(device)
-    return DiffusionModel(pipe=pipe, family=family)
+    for name, part in pipe.components.items():
+        if isinstance(part, torch.nn.Module) and not (text.offload and name in TEXT_ENCODERS):
+            part.to(device)
+    return DiffusionModel(pipe=pipe, family=family, text=text)
+
+
+def _components_left_out(model: str, text: TextEncoding) -> dict:
+    """None for each component the folder was saved without (an SD3 folder without T5: diffusers
+    loads it only when told so) and for T5 when it is not wanted."""
+    index = DiffusionPipeline.load_config(model, local_files_only=cache_only(model))
+    left_out = {name: None for name, entry in index.items() if entry == [None, None]}
+    if not text.t5:
+        left_out.update(text_encoder_3=None, tokenizer_3=None)
+    return left_out
 
 
 def ddim_from(config) -> DDIMScheduler:
@@ -119,6 +186,58 @@ def ddim_from(config) -> DDIMScheduler:
     pixel-space models, and latents range wider."""
     overrides = {} if "clip_sample" in config else {"clip_sample": False}
     return DDIMScheduler.from_config(config, **overrides)
+
+
+class CPSScheduler(FlowMatchEulerDiscreteScheduler):
+    """RTDMD's coefficients-preserving sampling step for flow models (rtdmd/schedulers/cps_scheduler.py
+    in Harahan/RTDMD, after arXiv 2509.05952), with the flow-match Euler scheduler's schedule.
+
+    From the velocity v at x_t: x0 = x_t - sigma v and eps = x_t + (1 - sigma) v; then
+    x_next = (1 - sigma_next) x0 + sigma_next (cos(eta pi/2) eps + sin(eta pi/2) noise), so the noise
+    keeps the scale sigma_next whatever eta: eta = 0 is the Euler step, eta = 1 re-noises x0 afresh."""
+
+    def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
+        """Given `sigmas` are the schedule itself, already shifted (RTDMD's 1.0 0.9 0.75 0.5 are its
+        timesteps 1000 750 500 250 at shift 3): the parent class would shift them a second time."""
+        if sigmas is None:
+            return super().set_timesteps(num_inference_steps, device, mu=mu, timesteps=timesteps)
+        sigmas = torch.tensor([*sigmas, 0.0], dtype=torch.float32, device=device)
+        self.timesteps = sigmas[:-1] * self.config.num_train_timesteps
+        self.sigmas = sigmas
+        self.num_inference_steps = len(self.timesteps)
+        self._step_index = None
+        self._begin_index = None
+
+    def step(self, model_output, timestep, sample, eta: float = 0.0, generator=None, return_dict: bool = True):
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma, sigma_next = self.sigmas[self.step_index], self.sigmas[self.step_index + 1]
+        x, v = sample.float(), model_output.float()  # as the Euler step, in float32 whatever the weights
+        x0, eps = x - sigma * v, x + (1 - sigma) * v
+        angle = eta * math.pi / 2
+        prev_sample = (1 - sigma_next) * x0 + sigma_next * math.cos(angle) * eps
+        if eta > 0 and sigma_next > 0:  # no draw where the noise has no weight, as RTDMD
+            noise = randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+            prev_sample = prev_sample + sigma_next * math.sin(angle) * noise
+        self._step_index += 1
+        prev_sample = prev_sample.to(model_output.dtype)
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
+
+
+def schedule_kwargs(model: DiffusionModel, resolution: int, sigmas: tuple[float, ...] | None = None) -> dict:
+    """What `scheduler.set_timesteps` needs beyond the step count: the given `sigmas`, and the `mu`
+    of dynamic shifting where the scheduler's config asks for it, computed from the image's token
+    count as StableDiffusion3Pipeline computes it."""
+    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+    kwargs = {"sigmas": list(sigmas)} if sigmas else {}
+    config = model.scheduler.config
+    if config.get("use_dynamic_shifting"):
+        side = resolution // model.resolution_multiple()
+        kwargs["mu"] = calculate_shift(side * side, config.get("base_image_seq_len", 256),
+                                       config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                                       config.get("max_shift", 1.16))
+    return kwargs
 
 
 @contextlib.contextmanager
@@ -153,34 +272,35 @@ def _first_line(error: Exception) -> str:
 
 
 def attach_lora(model: DiffusionModel, rank: int, alpha: float) -> None:
-    """LoRA on the UNet attention projections; the adapter starts as the identity (B = 0)."""
+    """LoRA on the attention projections; the adapter starts as the identity (B = 0)."""
     from peft import LoraConfig
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
-    model.unet.add_adapter(config)
-    for param in model.unet.parameters():
+    config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                        target_modules=LORA_TARGETS[model.family])
+    model.denoiser.add_adapter(config)
+    for param in model.denoiser.parameters():
         if param.requires_grad:
             param.data = param.data.float()  # trainable weights stay fp32 under bf16 autocast
 
 
 def enable_full_finetune(model: DiffusionModel, frozen_dtype: torch.dtype = torch.float32) -> None:
-    """Train every UNet weight, in fp32; a frozen copy made now is the base for the KL and annealing.
+    """Train every weight of the denoiser, in fp32; a frozen copy made now is the base for the KL and annealing.
     The frozen networks (that copy, the text encoders, the VAE) go to `frozen_dtype`, the training
     dtype: in fp32 they would double their memory for nothing under bf16 autocast."""
-    model.frozen_base = copy.deepcopy(model.unet).requires_grad_(False).eval()
+    model.frozen_base = copy.deepcopy(model.denoiser).requires_grad_(False).eval()
     frozen = [model.frozen_base] + [part for name, part in model.pipe.components.items()
-                                    if isinstance(part, torch.nn.Module) and part is not model.unet
+                                    if isinstance(part, torch.nn.Module) and part is not model.denoiser
                                     # SDXL's VAE overflows in fp16 (see decode)
                                     and not (name == "vae" and frozen_dtype == torch.float16
                                              and _upcasts_vae(model.family, part))]
     with diffusers_quiet():  # it warns of fp32-only modules at every cast, even with none listed
         for part in frozen:
             part.to(frozen_dtype)
-    model.unet.float().requires_grad_(True).train()
+    model.denoiser.float().requires_grad_(True).train()
 
 
 def trainable_parameters(model: DiffusionModel) -> list[torch.nn.Parameter]:
-    return [p for p in model.unet.parameters() if p.requires_grad]
+    return [p for p in model.denoiser.parameters() if p.requires_grad]
 
 
 class LoraLayers:
@@ -244,13 +364,44 @@ def _merged_weight(layer) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_prompts(model: DiffusionModel, prompts: list[str], guided: bool, resolution: int) -> dict:
-    """The UNet keyword arguments for a batch of images `resolution` pixels square: `[uncond; cond]`
+    """The denoiser's keyword arguments for a batch of images `resolution` pixels square: `[uncond; cond]`
     when guided, the empty prompt as negative, exactly as the pipeline's own encode_prompt builds them."""
-    if model.family == "sdxl":
-        return _encode_prompts_sdxl(model.pipe, prompts, guided, resolution)
-    positive, negative = model.pipe.encode_prompt(prompts, model.unet.device, 1, guided, negative_prompt=None)
+    with _text_encoders_on_device(model):
+        if model.family == "sdxl":
+            return _encode_prompts_sdxl(model.pipe, prompts, guided, resolution)
+        if model.family == "sd3":
+            return _encode_prompts_sd3(model.pipe, prompts, guided, model.text.max_sequence_length)
+        positive, negative = model.pipe.encode_prompt(prompts, model.denoiser.device, 1, guided, negative_prompt=None)
     hidden = torch.cat([negative, positive]) if guided else positive
     return {"encoder_hidden_states": hidden}
+
+
+@contextlib.contextmanager
+def _text_encoders_on_device(model: DiffusionModel):
+    """With offloading, the text encoders visit the denoiser's device for one encoding (T5-XXL alone
+    is 9 GB that sampling and training never touch)."""
+    encoders = [getattr(model.pipe, name, None) for name in TEXT_ENCODERS] if model.text.offload else []
+    encoders = [encoder for encoder in encoders if encoder is not None]
+    for encoder in encoders:
+        encoder.to(model.denoiser.device)
+    try:
+        yield
+    finally:
+        for encoder in encoders:
+            encoder.to("cpu")
+
+
+def _encode_prompts_sd3(pipe, prompts: list[str], guided: bool, max_sequence_length: int) -> dict:
+    """Both CLIPs' penultimate hidden states beside T5's (zeros without T5), and both CLIPs' pooled
+    embeddings, as StableDiffusion3Pipeline.encode_prompt builds them; the negative is the encoded
+    empty prompt."""
+    positive, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompts, None, None, device=pipe.transformer.device, num_images_per_prompt=1,
+        do_classifier_free_guidance=guided, max_sequence_length=max_sequence_length,
+    )
+    if guided:
+        positive, pooled = torch.cat([negative, positive]), torch.cat([negative_pooled, pooled])
+    return {"encoder_hidden_states": positive, "pooled_projections": pooled}
 
 
 def _encode_prompts_sdxl(pipe, prompts: list[str], guided: bool, resolution: int) -> dict:
@@ -269,9 +420,13 @@ def _encode_prompts_sdxl(pipe, prompts: list[str], guided: bool, resolution: int
     return {"encoder_hidden_states": positive, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
 
-def make_denoiser(unet, conditioning: dict):
+def make_denoiser(network, conditioning: dict):
     def denoise(model_input, t):
-        return unet(model_input, t, **conditioning, return_dict=False)[0]
+        # One timestep per sample, as the SD3 pipeline passes it (the UNet expands a scalar itself).
+        out = network(model_input, timestep=t.expand(len(model_input)), **conditioning, return_dict=False)[0]
+        # Under autocast the network answers in bf16, and the flow-match step casts its result to
+        # the prediction's dtype: an fp32 trajectory would silently drop to bf16 after one step.
+        return out.to(model_input.dtype)
 
     return denoise
 
@@ -279,7 +434,7 @@ def make_denoiser(unet, conditioning: dict):
 def tuned_denoiser(model: DiffusionModel, conditioning: dict):
     """The tuned model. Its calls without a graph (the first N - K steps, all of inference) run on the
     merged LoRA weights; calls with a graph keep the LoRA layers, whose weights are being trained."""
-    denoise = make_denoiser(model.unet, conditioning)
+    denoise = make_denoiser(model.denoiser, conditioning)
     if not (model.has_lora and model.merged_sampling):
         return denoise
 
@@ -297,8 +452,8 @@ def base_denoiser(model: DiffusionModel, conditioning: dict):
     if model.frozen_base is not None:
         return make_denoiser(model.frozen_base, conditioning)
     if not model.has_lora:
-        return make_denoiser(model.unet, conditioning)
-    denoise = make_denoiser(model.unet, conditioning)
+        return make_denoiser(model.denoiser, conditioning)
+    denoise = make_denoiser(model.denoiser, conditioning)
 
     def denoise_without_adapters(model_input, t):
         with model.lora.disabled():
@@ -339,15 +494,27 @@ def _fp16_autocast_suspended(vae):
 
 def save_tuned(model: DiffusionModel, folder: str) -> None:
     """LoRA as diffusers' `pytorch_lora_weights.safetensors` (stock `load_lora_weights` reads
-    it), or the full UNet as a diffusers model folder."""
+    it), or the full denoiser as a diffusers model folder (`unet/`, `transformer/`)."""
     if model.has_lora:
         from diffusers.training_utils import _collate_lora_metadata
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model.unet))
-        type(model.pipe).save_lora_weights(folder, unet_lora_layers=layers, **_collate_lora_metadata({"unet": model.unet}))
+        name, layers = model.denoiser_name, get_peft_model_state_dict(model.denoiser)
+        if name == "unet":  # the key names of diffusers' own SD/SDXL LoRA scripts; its SD3 script keeps peft's
+            layers = convert_state_dict_to_diffusers(layers)
+        type(model.pipe).save_lora_weights(folder, **{f"{name}_lora_layers": layers},
+                                           **_collate_lora_metadata({name: model.denoiser}))
     else:
-        model.unet.save_pretrained(os.path.join(folder, FULL_UNET_DIR))
+        model.denoiser.save_pretrained(os.path.join(folder, model.denoiser_name))
+
+
+def _denoiser_lora_state(model: DiffusionModel, folder: str) -> dict:
+    """The denoiser's LoRA weights of a diffusers LoRA file, in peft's key names."""
+    state = type(model.pipe).lora_state_dict(folder)
+    if isinstance(state, tuple):  # the UNet families' loaders return (state, network alphas), SD3's the state
+        state = state[0]
+    prefix = model.denoiser_name + "."
+    return convert_unet_state_dict_to_peft({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
 
 
 def load_tuned_into_training(model: DiffusionModel, folder: str) -> None:
@@ -355,57 +522,84 @@ def load_tuned_into_training(model: DiffusionModel, folder: str) -> None:
     if model.has_lora:
         from peft import set_peft_model_state_dict
 
-        state, _ = type(model.pipe).lora_state_dict(folder)
-        unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-        result = set_peft_model_state_dict(model.unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+        result = set_peft_model_state_dict(model.denoiser, _denoiser_lora_state(model, folder), adapter_name="default")
         if getattr(result, "unexpected_keys", None):
             raise UsageError(f"checkpoint {folder!r} does not fit this model's LoRA")
         model.lora_changed()
     else:
-        tuned = UNet2DConditionModel.from_pretrained(os.path.join(folder, FULL_UNET_DIR))
-        model.unet.load_state_dict(tuned.state_dict())
+        tuned = type(model.denoiser).from_pretrained(os.path.join(folder, model.denoiser_name))
+        model.denoiser.load_state_dict(tuned.state_dict())
 
 
-def load_checkpoint_for_inference(model: DiffusionModel, checkpoint: str) -> None:
+def load_checkpoints_for_inference(model: DiffusionModel, checkpoints, lora_alpha: float = RTDMD_LORA_ALPHA) -> None:
+    """Make `model` the tuned model of `checkpoints` applied in order, keeping the pretrained one as
+    its base: a full fine-tune replaces the denoiser, and LoRAs stack on it (their deltas add, as
+    RTDMD merges its cold-start and RL adapters one after the other)."""
+    adapters = []
+    for index, checkpoint in enumerate(checkpoints):
+        if index and os.path.isdir(os.path.join(checkpoint, model.denoiser_name)):
+            raise UsageError(f"checkpoint {checkpoint!r} is a full fine-tune: give it first, and the LoRAs "
+                             "that apply on top of it after it")
+        adapter = f"tuned_{index}"
+        load_checkpoint_for_inference(model, checkpoint, adapter, lora_alpha)
+        if adapter in getattr(model.denoiser, "peft_config", {}):
+            adapters.append(adapter)
+    if adapters:
+        model.denoiser.set_adapters(adapters)
+        model.denoiser.requires_grad_(False)  # activating adapters makes peft mark them trainable
+
+
+def load_checkpoint_for_inference(model: DiffusionModel, checkpoint: str, adapter_name: str = "tuned",
+                                  lora_alpha: float = RTDMD_LORA_ALPHA) -> None:
     """Make `model` the tuned model of `checkpoint`, keeping the pretrained one as its base.
 
+    `checkpoint` is one of ours (a LoRA or a full fine-tune), a PEFT adapter folder (FDFO's), or a
+    file holding a torch.save'd LoRA state dict (RTDMD's, whose `lora_alpha` it does not record).
     Weights made for another base model are refused in one line: diffusers would only warn about
-    LoRA layers the model lacks, and a full UNet of another shape would load on its own.
+    LoRA layers the model lacks, RTDMD's loader skips them, and a full network of another shape
+    would load on its own.
     """
     from peft.utils import get_peft_model_state_dict
 
     trained_from = model_name(checkpoint)
     lora_file = os.path.join(checkpoint, LORA_FILE)
-    full_dir = os.path.join(checkpoint, FULL_UNET_DIR)
-    if not os.path.isfile(lora_file) and not os.path.isdir(full_dir):
+    full_dir = os.path.join(checkpoint, model.denoiser_name)
+    peft_folder = os.path.isfile(os.path.join(checkpoint, PEFT_CONFIG))
+    if not (os.path.isfile(checkpoint) or peft_folder or os.path.isfile(lora_file) or os.path.isdir(full_dir)):
         sharded = (": it is a sharded --fsdp checkpoint; the final one, and one every --export-every steps, "
-                   "also hold the consolidated UNet") if os.path.isdir(os.path.join(checkpoint, SHARDED_DIR)) else ""
-        raise UsageError(f"checkpoint {checkpoint!r} has neither {LORA_FILE} nor a {FULL_UNET_DIR}/ folder{sharded}")
+                   f"also hold the consolidated {model.denoiser_name}/"
+                   ) if os.path.isdir(os.path.join(checkpoint, SHARDED_DIR)) else ""
+        raise UsageError(f"checkpoint {checkpoint!r} has neither {LORA_FILE} nor a {model.denoiser_name}/ folder, "
+                         f"nor the {PEFT_CONFIG} of a PEFT adapter{sharded}")
     problem = None
     try:
         # diffusers' multi-line report becomes our one line
         with diffusers_quiet(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if os.path.isfile(lora_file):
-                state, _ = type(model.pipe).lora_state_dict(checkpoint)
-                wanted = convert_unet_state_dict_to_peft(
-                    {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-                )
-                model.pipe.load_lora_weights(checkpoint, adapter_name="tuned")
-                unmatched = set(wanted) - set(get_peft_model_state_dict(model.unet, adapter_name="tuned"))
+            if os.path.isfile(checkpoint):
+                problem = _add_lora_adapter(model, torch.load(checkpoint, map_location="cpu", weights_only=True),
+                                            adapter_name, alpha=lora_alpha)
+            elif peft_folder:
+                problem = _load_peft_adapter(model, checkpoint, adapter_name)
+            elif os.path.isfile(lora_file):
+                wanted = _denoiser_lora_state(model, checkpoint)
+                model.pipe.load_lora_weights(checkpoint, adapter_name=adapter_name)
+                unmatched = set(wanted) - set(get_peft_model_state_dict(model.denoiser, adapter_name=adapter_name))
                 if unmatched:
                     example = min(unmatched)
                     problem = f"{len(unmatched)} of its {len(wanted)} LoRA weights have no layer here, e.g. {example}"
             else:
-                tuned = UNet2DConditionModel.from_pretrained(full_dir, dtype=model.unet.dtype)
-                ours, theirs = (json.loads(json.dumps(dict(unet.config), default=str)) for unet in (model.unet, tuned))
+                tuned = type(model.denoiser).from_pretrained(full_dir, dtype=model.denoiser.dtype)
+                ours, theirs = (json.loads(json.dumps(dict(net.config), default=str)) for net in (model.denoiser, tuned))
                 differing = sorted(k for k in ours.keys() | theirs.keys()
                                    if not k.startswith("_") and ours.get(k) != theirs.get(k))
                 if differing:
-                    problem = f"its UNet differs in {', '.join(differing)}"
+                    label = "UNet" if model.denoiser_name == "unet" else model.denoiser_name
+                    problem = f"its {label} differs in {', '.join(differing)}"
                 else:
-                    model.frozen_base = model.pipe.unet
-                    model.pipe.unet = tuned.to(model.unet.device).requires_grad_(False).eval()
+                    model.frozen_base = model.denoiser
+                    setattr(model.pipe, model.denoiser_name,
+                            tuned.to(model.denoiser.device).requires_grad_(False).eval())
     except Exception as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         problem = next((line for line in lines if line.startswith("size mismatch")), lines[0])
@@ -414,10 +608,78 @@ def load_checkpoint_for_inference(model: DiffusionModel, checkpoint: str) -> Non
         raise UsageError(f"checkpoint {checkpoint!r} ({origin}) does not fit model {model.pipe.name_or_path!r}: {problem}")
 
 
+def _load_peft_adapter(model: DiffusionModel, folder: str, adapter_name: str) -> str | None:
+    """A LoRA adapter folder as peft's save_pretrained writes it (FDFO's checkpoints), with its own
+    rank, alpha and options; returns what keeps it from fitting, if anything."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    with open(os.path.join(folder, PEFT_CONFIG)) as f:
+        peft_type = json.load(f).get("peft_type")
+    if peft_type != "LORA":
+        return f"its {PEFT_CONFIG} is of a {peft_type} adapter; only LoRA adapters load"
+    weights = os.path.join(folder, PEFT_WEIGHTS)
+    if not os.path.isfile(weights):
+        return f"it has {PEFT_CONFIG} but no {PEFT_WEIGHTS}"
+    return _add_lora_adapter(model, load_file(weights), adapter_name, config=LoraConfig.from_pretrained(folder))
+
+
+# What DDP, torch.compile and a PEFT model put in front of the denoiser's own parameter names.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
+# peft's factor names, with or without the adapter name (a module's state_dict keeps it, peft's export drops it)
+_LORA_KEY = re.compile(r"(?P<layer>.+)\.lora_(?P<factor>[AB])(?:\.[^.]+)?\.weight")
+
+
+def _unwrapped(key: str) -> str:
+    prefix = next((p for p in _WRAPPER_PREFIXES if key.startswith(p)), None)
+    return _unwrapped(key.removeprefix(prefix)) if prefix else key
+
+
+def _is_linear(layer) -> bool:
+    """A linear layer, or one that an adapter loaded before has wrapped (stacked LoRAs)."""
+    return isinstance(layer, torch.nn.Linear) or isinstance(getattr(layer, "base_layer", None), torch.nn.Linear)
+
+
+def _add_lora_adapter(model: DiffusionModel, state, adapter_name: str, alpha: float | None = None,
+                      config=None) -> str | None:
+    """Add the LoRA of `state` as adapter `adapter_name` on exactly the layers it names, with `config`
+    (a PEFT folder's) or rank read from its shapes and `alpha`; returns what keeps it from fitting."""
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    if not isinstance(state, dict) or not state:
+        return "it holds no state dict of LoRA weights"
+    factors, keys_of = {}, {}
+    for key, tensor in state.items():
+        match = _LORA_KEY.fullmatch(_unwrapped(str(key))) if isinstance(tensor, torch.Tensor) else None
+        if match is None:
+            return f"{key!r} is not a LoRA weight (<layer>.lora_A.weight or <layer>.lora_B.weight)"
+        factors[f"{match['layer']}.lora_{match['factor']}.weight"] = tensor
+        keys_of.setdefault(match["layer"], []).append(key)
+    layers = dict(model.denoiser.named_modules())
+    unfit = [key for layer, keys in keys_of.items() if not _is_linear(layers.get(layer)) for key in keys]
+    if unfit:
+        return f"{len(unfit)} of its {len(state)} LoRA weights have no layer here, e.g. {min(unfit)}"
+    halves = [keys[0] for keys in keys_of.values() if len(keys) != 2]
+    if halves:
+        return f"{halves[0]!r} has no partner: a LoRA layer needs both lora_A and lora_B"
+    if config is None:
+        ranks = sorted({tensor.shape[0] for key, tensor in factors.items() if ".lora_A." in key})
+        if len(ranks) != 1:
+            return f"its LoRA layers have ranks {ranks}; one rank is needed to load them with one --lora-alpha"
+        config = LoraConfig(r=ranks[0], lora_alpha=alpha)
+    model.denoiser.add_adapter(replace(config, target_modules=sorted(keys_of)), adapter_name=adapter_name)
+    set_peft_model_state_dict(model.denoiser, factors, adapter_name=adapter_name)
+    return None
+
+
 def model_name(checkpoint: str) -> str | None:
-    """The --model a checkpoint was trained from, as its config.json records it; None if it does not."""
+    """The --model a checkpoint was trained from, as its config.json records it; None if it does not
+    (a state dict file, RTDMD's, records nothing)."""
+    if os.path.isfile(checkpoint):
+        return None
     if not os.path.isdir(checkpoint):
-        raise UsageError(f"checkpoint {checkpoint!r} is not a folder; give one such as RUN_DIR/checkpoints/step-0001000")
+        raise UsageError(f"checkpoint {checkpoint!r} is not a folder (nor a LoRA file); give one such as "
+                         "RUN_DIR/checkpoints/step-0001000")
     try:
         with open(os.path.join(checkpoint, "config.json")) as f:
             return json.load(f)["model"]

@@ -36,8 +36,10 @@ def uses_guidance(guidance_scale: float) -> bool:
 
 
 def initial_latents(shape, generators, scheduler, device, dtype) -> torch.Tensor:
-    """x_T exactly as the diffusers pipelines draw it (one generator per sample)."""
-    return randn_tensor(shape, generator=generators, device=device, dtype=dtype) * scheduler.init_noise_sigma
+    """x_T exactly as the diffusers pipelines draw it (one generator per sample). Flow-matching
+    schedulers start from unit noise (sigma 1) and define no initial scale."""
+    noise = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+    return noise * scheduler.init_noise_sigma if hasattr(scheduler, "init_noise_sigma") else noise
 
 
 def guided_output(denoise: Denoiser, scheduler, x: torch.Tensor, t: torch.Tensor, guidance_scale: float,
@@ -91,6 +93,7 @@ def sample(
     weighing: Weighing | None = None,
     lv_samples: int = 0,
     checkpoint_denoiser: bool = False,
+    schedule: dict | None = None,
 ) -> Trajectory:
     """Run the sampler from x_T = `latents` to x_0.
 
@@ -101,10 +104,12 @@ def sample(
     (1 - w) * base + w * tuned (annealed guidance; inference only). With `lv_samples` = n > 0 the
     whole chain runs without a graph and x_0 is re-noised n times to the last step's level and
     denoised once with the graph (DRaFT-LV); the n results are concatenated along the batch.
+    `schedule` is what `scheduler.set_timesteps` takes beyond the step count (custom sigmas, the
+    `mu` of dynamic shifting).
     """
     if weighing is not None and base is None:
         raise ValueError("annealed sampling needs a base denoiser")
-    scheduler.set_timesteps(num_steps, device=latents.device)
+    scheduler.set_timesteps(num_steps, device=latents.device, **(schedule or {}))
     # One entry per model call: PNDM's Runge-Kutta warm-up and second-order schedulers (Heun, DPM-2)
     # make more calls than num_steps, and K and the weighing index count calls.
     timesteps = scheduler.timesteps
@@ -146,13 +151,19 @@ def sample(
 
 
 def _renoise_and_denoise(x0, t_last, copies, scheduler, generator, graph_step):
+    """The scheduler's own forward process to the last step's level: flow matching's
+    `scale_noise` ((1 - sigma) x0 + sigma noise), else DDPM's `add_noise`."""
     results = []
     for _ in range(copies):
         noise = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         if hasattr(scheduler, "_step_index"):
-            # Index-keeping schedulers (Euler, DPM) must be pointed back at the last step.
+            # Index-keeping schedulers (Euler, DPM, flow matching) must be pointed back at the last step.
             scheduler._step_index = len(scheduler.timesteps) - 1
-        results.append(graph_step(scheduler.add_noise(x0, noise, t_last.reshape(1)), t_last))
+        if hasattr(scheduler, "scale_noise"):
+            noisy = scheduler.scale_noise(x0, t_last.reshape(1), noise)
+        else:
+            noisy = scheduler.add_noise(x0, noise, t_last.reshape(1))
+        results.append(graph_step(noisy, t_last))
     return torch.cat(results)
 
 

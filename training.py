@@ -8,7 +8,7 @@ import os
 import random
 import shutil
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
 import torch
@@ -19,7 +19,7 @@ import models
 import prompts as prompt_sets
 import rewards
 import utils
-from generation import DeviceOption, RewardSourceOption, SamplerOptions
+from generation import DeviceOption, RewardSourceOption, SamplerOptions, TextEncoderOptions
 from utils import UsageError
 
 # Below this loss scale an fp16 gradient overflows even unscaled: the scaler can no longer help.
@@ -27,7 +27,7 @@ LOSS_SCALE_FLOOR = 1.0
 
 
 @dataclass(kw_only=True)
-class TrainConfig(SamplerOptions, DeviceOption, RewardSourceOption):
+class TrainConfig(SamplerOptions, TextEncoderOptions, DeviceOption, RewardSourceOption):
     # a set of defaults: "demo" trains the bundled demo world on a CPU (see train.PRESETS); other flags still override it
     preset: Literal["none", "demo"] = "none"
     model: str = models.DEFAULT_MODEL  # diffusers pipeline: hub id or local folder
@@ -45,13 +45,14 @@ class TrainConfig(SamplerOptions, DeviceOption, RewardSourceOption):
     warmup_steps: int = 0  # linear learning-rate warm-up steps
     max_grad_norm: float = 1.0  # gradient clipping threshold (global L2 norm)
     steps: int = 1000  # optimizer steps in total
-    lora_rank: int = 32  # LoRA rank on the UNet attention projections
-    lora_alpha: float = 32.0  # LoRA alpha (scale = alpha / rank)
-    full_finetune: bool = False  # train every UNet weight instead of LoRA (a frozen copy is the KL base)
-    # with --full-finetune: shard the UNet, the frozen base, gradients and optimizer state over the processes
+    lora_rank: int | None = None  # LoRA rank on the attention projections; default 32
+    lora_alpha: float | None = None  # LoRA alpha (scale = alpha / rank); default 32 (SD, SDXL), 64 (SD3, as FDFO and RTDMD)
+    full_finetune: bool = False  # train every weight of the UNet or transformer instead of LoRA (a frozen copy is the KL base)
+    # with --full-finetune: shard the denoiser, the frozen base, gradients and optimizer state over the processes
     # (FSDP2), with sharded checkpoints (torch.distributed.checkpoint) in a run dir all processes share
     fsdp: bool = False
-    export_every: int = 0  # with --fsdp: also write a consolidated unet/ folder every this many steps (0: the final one only)
+    # with --fsdp: also write a consolidated unet/ (SD3: transformer/) folder every this many steps (0: the final one only)
+    export_every: int = 0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # autocast dtype; auto = bf16 on GPU, none on CPU
     gradient_checkpointing: bool = False  # recompute the UNet, VAE decoder and reward tower in backward to save memory
     # also recompute the denoiser's own blocks in backward (diffusers' enable_gradient_checkpointing), so that
@@ -78,7 +79,8 @@ def validate(cfg: TrainConfig) -> None:
         if getattr(cfg, name) < 0:
             raise UsageError(f"{utils.flag(name)} must be >= 0, got {getattr(cfg, name)}")
     low, high = cfg.truncation_range or (cfg.truncation_steps, cfg.truncation_steps)
-    if not 0 <= low <= high <= cfg.inference_steps:
+    steps = cfg.inference_steps  # None until the family's default is filled in
+    if not 0 <= low <= high or (steps is not None and high > steps):
         raise UsageError(f"truncation steps must satisfy 0 <= K <= --inference-steps ({cfg.inference_steps}), got {low}..{high}")
     if cfg.truncation_range and low < 1:
         raise UsageError(f"--truncation-range {low} {high}: a draw of K = 0 would train nothing; start at 1")
@@ -87,7 +89,7 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.lv_samples and cfg.truncation_range:
         raise UsageError("--lv-samples and --truncation-range exclude each other")
     for name in ("lr", "lora_alpha", "max_grad_norm"):
-        if not getattr(cfg, name) > 0:
+        if getattr(cfg, name) is not None and not getattr(cfg, name) > 0:
             raise UsageError(f"{utils.flag(name)} must be positive, got {getattr(cfg, name)}")
     if cfg.kl_coeff < 0 or cfg.weight_decay < 0:
         raise UsageError("--kl-coeff and --weight-decay must be >= 0")
@@ -102,6 +104,16 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("--fsdp trains in bf16 or fp32 (--mixed-precision bf16, auto or no); fp16 is not supported")
     rewards.parse_reward_spec(cfg.reward)
     prompt_sets.load_prompts(cfg.prompts)
+
+
+def resolved(cfg: TrainConfig, family: str) -> TrainConfig:
+    """`cfg` with its family's defaults for the flags left unset (SD3 trains at 512 px, as FDFO and
+    RTDMD do; SD and SDXL at their model's own size), validated again with them."""
+    cfg = generation.with_family_defaults(cfg, family)
+    if cfg.resolution is None:
+        cfg = replace(cfg, resolution=models.FAMILY_DEFAULTS[family].get("train_resolution"))
+    validate(cfg)
+    return cfg
 
 
 def memory_warning(cfg: TrainConfig) -> str | None:
@@ -188,7 +200,8 @@ class Trainer:
         """Sample with the graph on the last `truncation` steps; return images and the KL (None unless
         it is asked for: the base model's call would cost for nothing)."""
         cfg = self.cfg
-        settings = generation.SamplerSettings(self.resolution, cfg.inference_steps, cfg.guidance_scale, cfg.eta)
+        settings = generation.SamplerSettings(self.resolution, cfg.inference_steps, cfg.guidance_scale, cfg.eta,
+                                              cfg.sigmas)
         # Latents stay fp32 under autocast: the scheduler arithmetic is then that of fp32 sampling.
         return generation.generate(self.model, prompts, seeds, settings, truncation_steps=truncation,
                                    with_kl=self.computes_kl and not base_only, base_only=base_only,
@@ -378,7 +391,7 @@ def save_sharded(trainer: Trainer, folder: str, export: bool) -> None:
     # A collective: every rank sends its shards, rank 0 receives the whole UNet on the CPU.
     full = get_model_state_dict(unet, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if trainer.dist.is_main:
-        unet_dir = os.path.join(folder, models.FULL_UNET_DIR)
+        unet_dir = os.path.join(folder, trainer.model.denoiser_name)  # unet/ or transformer/, as save_tuned
         os.makedirs(unet_dir)
         # The config names the model's own class, not FSDP's wrapper of it, so that stock loaders read it.
         config = json.loads(unet.to_json_string())
@@ -420,9 +433,12 @@ def restore_checkpoint(trainer: Trainer, folder: str) -> int:
         raise UsageError(f"cannot resume from {folder!r} ({text}); move it away to resume from an earlier one") from None
 
 
+# Flags whose default depends on the model family: None until the family is read from the model folder
+# (every family defaults the same flags; SD3 also the training resolution).
+FAMILY_DEFAULTED = (*models.FAMILY_DEFAULTS["sd"], "resolution")
 # Fields a resume may change: they shape neither the weights nor the data order.
 MUTABLE_ON_RESUME = {"steps", "save_every", "val_every", "log_every", "wandb", "wandb_project", "device",
-                     "export_every", "run_dir"}  # a run dir may be moved or copied
+                     "offload_text_encoders", "export_every", "run_dir"}  # a run dir may be moved or copied
 
 
 def check_same_run(cfg: TrainConfig, world_size: int) -> TrainConfig:
@@ -439,8 +455,13 @@ def check_same_run(cfg: TrainConfig, world_size: int) -> TrainConfig:
     if world_size != previous_world:
         cfg = keep_global_batch(cfg, previous, previous_world, world_size)
         free = free | {"grad_accum"}
+    # Left to the family, a flag takes what the run recorded: the same model (compared below) has the same
+    # defaults, and the check comes before the model is looked at, so that it is the one reported.
+    cfg = replace(cfg, **{key: previous[key] for key in FAMILY_DEFAULTED if getattr(cfg, key) is None and key in previous})
+    # A flag newer than the run dir's config.json had its default in that run.
+    defaults = {f.name: f.default for f in fields(cfg)}
     for key, value in asdict(cfg).items():
-        old = previous.get(key)
+        old = json.loads(json.dumps(previous.get(key, defaults[key])))
         if key not in free and json.loads(json.dumps(value)) != old:
             raise UsageError(
                 f"--run-dir {cfg.run_dir!r} holds a run with {key}={old!r}, not {value!r}; use another --run-dir"
@@ -466,11 +487,12 @@ def keep_global_batch(cfg: TrainConfig, previous: dict, previous_world: int, wor
 
 
 def build(cfg: TrainConfig, dist: utils.Dist) -> Trainer:
+    cfg = resolved(cfg, models.detect_family(cfg.model))
     amp = autocast_dtype(cfg, dist.device)
     weights_dtype = amp or torch.float32  # of everything frozen; trainable weights are fp32
     # Full fine-tuning starts from the checkpoint's own precision, then casts what stays frozen.
     model = models.load_model(cfg.model, dist.device, torch.float32 if cfg.full_finetune else weights_dtype,
-                              cfg.scheduler)
+                              cfg.scheduler, generation.text_encoding(cfg))
     generation.checked_resolution(model, cfg.resolution)
     if cfg.full_finetune:
         models.enable_full_finetune(model, weights_dtype)
@@ -479,7 +501,7 @@ def build(cfg: TrainConfig, dist: utils.Dist) -> Trainer:
     if cfg.gradient_checkpointing:
         model.pipe.vae.enable_gradient_checkpointing()
     if cfg.checkpoint_blocks:
-        model.unet.enable_gradient_checkpointing()
+        model.denoiser.enable_gradient_checkpointing()
     sharded = cfg.fsdp and dist.world_size > 1
     if sharded:
         shard(model, amp)

@@ -27,9 +27,10 @@ def flag(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def require_at_least_one(**values: int) -> None:
+def require_at_least_one(**values: int | None) -> None:
+    """None is a value not set yet (a family default), checked once it is resolved."""
     for name, value in values.items():
-        if value < 1:
+        if value is not None and value < 1:
             raise UsageError(f"{flag(name)} must be at least 1, got {value}")
 
 

@@ -136,7 +136,8 @@ def stock_pipeline_images(tiny_sd, lora_checkpoint=None):
 
 
 def test_draft_and_base_reproduce_their_models_and_linear_lies_between(tiny_sd, checkpoint):
-    model, _ = generation.load_for_inference(None, checkpoint, CPU, torch.float32, "ddim", RES)
+    model, _ = generation.load_for_inference(generation.InferenceOptions(resolution=RES, dtype="float32"),
+                                             (checkpoint,), CPU)
     settings = generation.SamplerSettings(RES, STEPS, 3.0)
 
     def render(model, weighing):
@@ -292,6 +293,7 @@ def test_checkpoint_of_another_base_model_ends_the_script_in_one_line(checkpoint
         (["--checkpoint", "{tmp}/missing"], "is not a folder"),
         (["--checkpoint", "{tmp}"], "does not record its base model; name it with --model"),
         (["--checkpoint", "{tmp}/weightless"], "has neither pytorch_lora_weights.safetensors nor a unet/ folder"),
+        (["--checkpoint"], "--checkpoint needs at least one checkpoint"),
         (["--weighing", "power_x"], "invalid weighing 'power_x'"),
         (["--weighing", ""], "no weighing given"),
         (["--score", "pickscore", "--num-images", "1"], "--num-images 2 or more"),
@@ -334,8 +336,7 @@ def test_each_rank_grids_and_measures_its_own_prompts_from_its_own_images(single
     together the two reproduce the one-process figures."""
     out, args, _ = single_run
     cfg = tyro.cli(anneal.AnnealConfig, args=args)
-    model, resolution = generation.load_for_inference(None, checkpoint, CPU, torch.float32, "ddim", RES)
-    cfg = replace(cfg, resolution=resolution)
+    model, cfg = generation.load_for_inference(cfg, cfg.checkpoint, CPU)
     reward = rewards.load_reward("pickscore", {"pickscore": tiny_clip}, device=CPU)
     weighings, all_prompts = anneal.weighing_names(cfg), anneal.chosen_prompts(cfg)
     records, diversities = [], {}

@@ -116,8 +116,8 @@ def stock_images(pipeline_class, path, unet_dir, resolution):
 
 
 def our_images(path, checkpoint, resolution):
-    model, _ = generation.load_for_inference(path, checkpoint, torch.device("cpu"), torch.float32, "pipeline",
-                                             resolution)
+    options = generation.InferenceOptions(model=path, scheduler="pipeline", resolution=resolution, dtype="float32")
+    model, _ = generation.load_for_inference(options, (checkpoint,), torch.device("cpu"))
     with torch.no_grad():
         return generation.generate(model, ["a red circle", "a yellow star"], [1, 2],
                                    generation.SamplerSettings(resolution, 4, 3.0))[0]

@@ -41,9 +41,10 @@ def test_side_by_side_grid_shows_the_base_and_the_tuned_model_on_the_same_noise(
     assert "wrote" in result.stdout
     assert all(part.startswith("generate:") for part in result.stderr.replace("\r", "\n").split("\n") if part.strip())
 
-    cfg = generate.GenerateConfig(checkpoint=checkpoint, inference_steps=STEPS, guidance_scale=3.0, resolution=RES,
+    cfg = generate.GenerateConfig(checkpoint=(checkpoint,), inference_steps=STEPS, guidance_scale=3.0, resolution=RES,
                                   num_images=2)
-    tuned_model, _ = generation.load_for_inference(None, checkpoint, CPU, torch.float32, "ddim", RES)
+    tuned_model, _ = generation.load_for_inference(generation.InferenceOptions(resolution=RES, dtype="float32"),
+                                                   (checkpoint,), CPU)
     settings = generation.SamplerSettings(RES, STEPS, 3.0)
     base_model = models.load_model(tiny_sd, CPU)  # no checkpoint at all
     expected = {}

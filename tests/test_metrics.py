@@ -105,7 +105,7 @@ def test_smoke_run_writes_resolved_config_per_prompt_values_and_statistics(smoke
     output, stdout = smoke_run
     config = output["config"]
     assert set(config) == {f.name for f in dataclasses.fields(metrics.MetricsConfig)}
-    assert config["model"] == tiny_sd and config["checkpoint"] == checkpoint
+    assert config["model"] == tiny_sd and config["checkpoint"] == [checkpoint]
     assert config["weighing"] == ["base", "draft"] and config["metrics"] == ["pickscore", "aesthetic"]
     assert (config["num_prompts"], config["resolution"], config["dtype"]) == (3, 32, "float32")
     assert list(output["results"]) == ["base", "draft"]
@@ -151,7 +151,7 @@ def test_two_processes_give_the_same_numbers(smoke_run, generated_args, tmp_path
 def anneal_folder(checkpoint, prompt_file, tmp_path_factory):
     """anneal.py's output for the smoke run's checkpoint, prompts, seeds and sampler settings."""
     out = tmp_path_factory.mktemp("anneal")
-    anneal.main(anneal.AnnealConfig(checkpoint=checkpoint, weighing=("base", "draft"), prompts=prompt_file,
+    anneal.main(anneal.AnnealConfig(checkpoint=(checkpoint,), weighing=("base", "draft"), prompts=prompt_file,
                                     num_images=REPEATS, out=str(out), device="cpu", **SAMPLER))
     return out
 
@@ -340,7 +340,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(settings, message, chec
     settings = {key: replacements.get(value, value) if isinstance(value, str) else value
                 for key, value in settings.items()}
     out = tmp_path / "out" / "m.json"
-    base = dict(checkpoint=checkpoint, prompt_set=prompt_file, out=str(out), device="cpu")
+    base = dict(checkpoint=(checkpoint,), prompt_set=prompt_file, out=str(out), device="cpu")
     if "images" in settings:
         base.pop("checkpoint")
     with pytest.raises(SystemExit) as exit_info:
@@ -369,7 +369,8 @@ def test_bf16_generation_is_scored_in_fp32(checkpoint, sources, prompt_file, tmp
     metrics.main(tyro.cli(metrics.MetricsConfig, args=args))
     rows = json.loads(out.read_text())["results"]["draft"]["per_prompt"]
 
-    model, _ = generation.load_for_inference(None, checkpoint, torch.device("cpu"), torch.bfloat16, "ddim", 32)
+    model, _ = generation.load_for_inference(generation.InferenceOptions(resolution=32, dtype="bfloat16"),
+                                             (checkpoint,), torch.device("cpu"))
     reward = rewards.load_reward("pickscore", {"pickscore": paths["pickscore"]})  # float32
     settings = generation.SamplerSettings(32, SAMPLER["inference_steps"], SAMPLER["guidance_scale"])
     texts = dict(enumerate(PROMPTS))

@@ -18,7 +18,7 @@ import tiny_rewards
 import training
 import utils
 from test_anneal import write_lora_checkpoint
-from test_train import FixedBatch
+from test_train import rewards_before_and_after_steps
 
 PROMPTS = ["a red circle", "a blue cube"]  # short: the tiny tokenizers hold 16 characters
 RES = 32
@@ -150,24 +150,17 @@ def train_config(tiny_sdxl, tiny_clip, run_dir, **overrides):
     return training.TrainConfig(**{**settings, **overrides})
 
 
-@pytest.fixture(scope="module")
-def trained(tiny_sdxl, tiny_clip, tmp_path_factory):
+def trained_on_a_fixed_batch(model, tiny_clip, run_dir):
     """A trainer after 8 steps on one fixed batch, and that batch's mean reward before and after."""
-    cfg = train_config(tiny_sdxl, tiny_clip, tmp_path_factory.mktemp("run"), lr=1e-1, kl_coeff=0.0)
+    cfg = train_config(model, tiny_clip, run_dir, lr=1e-1, kl_coeff=0.0)
     torch.manual_seed(cfg.seed)  # as train.main does: the LoRA's A matrices are random
     trainer = training.build(cfg, utils.init_distributed("cpu"))
-    trainer.stream = FixedBatch(trainer.stream.prompts[:4], cfg.seed)
-    batch, seeds = trainer.stream.prompts, [trainer.stream.noise_seed(i) for i in range(4)]
+    return trainer, *rewards_before_and_after_steps(trainer)
 
-    def fixed_batch_reward():
-        with torch.no_grad():
-            images, _ = trainer.rollout(batch, seeds, 0)
-            return trainer.reward(images, batch).mean().item()
 
-    before = fixed_batch_reward()
-    for step in range(8):
-        trainer.step(step)
-    return trainer, before, fixed_batch_reward()
+@pytest.fixture(scope="module")
+def trained(tiny_sdxl, tiny_clip, tmp_path_factory):
+    return trained_on_a_fixed_batch(tiny_sdxl, tiny_clip, tmp_path_factory.mktemp("run"))
 
 
 def test_training_steps_raise_the_reward_of_a_fixed_batch(trained):
@@ -190,23 +183,30 @@ def test_saved_lora_loads_into_a_stock_sdxl_pipeline_and_reproduces_our_images(t
                                                   models.trainable_parameters(trainer.model)))
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_sdxl, tiny_clip, tmp_path):
-    gradients = []
+def gradients_by_checkpointing(model, tiny_clip, run_dir) -> list[tuple[training.Trainer, torch.Tensor]]:
+    """(trainer, gradient of KL - reward over a K=2 rollout) for each combination of --gradient-checkpointing
+    and --checkpoint-blocks, the plain one first."""
+    results = []
     for checkpointing, blocks in ((False, False), (True, False), (True, True), (False, True)):
-        cfg = train_config(tiny_sdxl, tiny_clip, tmp_path, batch_size=2, gradient_checkpointing=checkpointing,
+        cfg = train_config(model, tiny_clip, run_dir, batch_size=2, gradient_checkpointing=checkpointing,
                            checkpoint_blocks=blocks)
-        torch.manual_seed(0)  # the same LoRA A matrices in both
+        torch.manual_seed(0)  # the same LoRA A matrices in all
         trainer = training.build(cfg, utils.init_distributed("cpu"))
         with torch.no_grad():
-            for name, param in trainer.model.unet.named_parameters():
+            for name, param in trainer.model.denoiser.named_parameters():
                 if "lora_B" in name:  # a fresh LoRA would leave the KL without a gradient
                     param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
         images, kl = trainer.rollout(PROMPTS, [1, 2], truncation=2)
         (kl - trainer.reward(images, PROMPTS).mean()).backward()
-        gradients.append(torch.cat([p.grad.flatten() for p in models.trainable_parameters(trainer.model)]))
-    assert gradients[0].abs().max() > 0
-    for other in gradients[1:]:
-        assert torch.allclose(gradients[0], other, rtol=1e-4, atol=1e-7)
+        results.append((trainer, torch.cat([p.grad.flatten() for p in models.trainable_parameters(trainer.model)])))
+    return results
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_sdxl, tiny_clip, tmp_path):
+    (_, plain), *others = gradients_by_checkpointing(tiny_sdxl, tiny_clip, tmp_path)
+    assert plain.abs().max() > 0
+    for _, other in others:
+        assert torch.allclose(plain, other, rtol=1e-4, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,12 +214,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_sdxl, tiny_clip, t
 
 
 def write_full_checkpoint(folder: str, base_model: str) -> str:
-    """A full fine-tune checkpoint as train.py writes it: the whole UNet, perturbed, and config.json."""
+    """A full fine-tune checkpoint as train.py writes it: the whole denoiser, perturbed, and config.json."""
     model = models.load_model(base_model, CPU)
     models.enable_full_finetune(model)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for param in model.unet.parameters():
+        for param in model.denoiser.parameters():
             param.add_(torch.randn(param.shape, generator=generator) * 0.02)
     models.save_tuned(model, folder)
     utils.save_json(os.path.join(folder, "config.json"), {"model": base_model})
@@ -233,12 +233,16 @@ def test_anneal_draft_and_base_reproduce_tuned_and_base(kind, lora_checkpoint, t
     else:
         checkpoint = write_full_checkpoint(str(tmp_path), tiny_sdxl)
         tuned = stock_pipeline(tiny_sdxl, "pipeline", unet=os.path.join(checkpoint, models.FULL_UNET_DIR))
-    model, resolution = generation.load_for_inference(None, checkpoint, CPU, torch.float32, "pipeline", None)
-    assert resolution == RES
+    model, cfg = generation.load_for_inference(generation.InferenceOptions(scheduler="pipeline", dtype="float32"),
+                                               (checkpoint,), CPU)
+    assert cfg.resolution == RES
     images = {w: our_images(model, w) for w in ("base", "draft", "linear")}
     assert (images["base"] - stock_output(stock_pipeline(tiny_sdxl, "pipeline"), GUIDANCE, "pt")).abs().max() <= 1e-5
     assert (images["draft"] - stock_output(tuned, GUIDANCE, "pt")).abs().max() <= 1e-5
+    assert_linear_lies_between_base_and_draft(images)
 
+
+def assert_linear_lies_between_base_and_draft(images: dict) -> None:
     def distance(a, b):
         return (images[a] - images[b]).norm().item()
 
@@ -246,18 +250,24 @@ def test_anneal_draft_and_base_reproduce_tuned_and_base(kind, lora_checkpoint, t
     assert 0.01 * distance("base", "draft") < distance("linear", "base") < distance("base", "draft")
 
 
-def test_metrics_score_base_and_tuned_sdxl_images(lora_checkpoint, tiny_clip, tmp_path):
+def metrics_of_base_and_tuned(checkpoint: str, tiny_clip: str, tmp_path, *flags: str) -> dict:
+    """metrics.py's JSON report of PickScore for base and draft on PROMPTS, two images each."""
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "metrics.json"
-    args = ["--checkpoint", lora_checkpoint, "--weighing", "base", "draft", "--metrics", "pickscore",
+    args = ["--checkpoint", checkpoint, "--weighing", "base", "draft", "--metrics", "pickscore",
             "--reward-source", f"pickscore={tiny_clip}", "--prompt-set", str(prompt_file), "--num-repeats", "2",
-            "--inference-steps", "4", "--guidance-scale", "3.0", "--batch-size", "4", "--device", "cpu",
-            "--out", str(out)]
+            "--inference-steps", "4", "--batch-size", "4", "--device", "cpu", "--out", str(out), *flags]
     metrics.main(tyro.cli(metrics.MetricsConfig, args=args))
     report = json.loads(out.read_text())
-    assert report["config"]["resolution"] == RES  # the model's default
     results = report["results"]
     assert [row["prompt"] for row in results["draft"]["per_prompt"]] == PROMPTS
+    return report
+
+
+def test_metrics_score_base_and_tuned_sdxl_images(lora_checkpoint, tiny_clip, tmp_path):
+    report = metrics_of_base_and_tuned(lora_checkpoint, tiny_clip, tmp_path, "--guidance-scale", "3.0")
+    assert report["config"]["resolution"] == RES  # the model's default
+    results = report["results"]
     base, draft = (results[w]["metrics"]["pickscore"]["mean"] for w in ("base", "draft"))
     assert abs(base - draft) > 0.05  # the checkpoint is evaluated, not the base model twice

@@ -179,12 +179,9 @@ class FixedBatch(training.PromptStream):
         return 100 + position % len(self.prompts)
 
 
-def test_training_steps_raise_the_reward_of_a_fixed_batch(tiny_sd, tiny_clip, prompt_file, tmp_path):
-    cfg = training.TrainConfig(model=tiny_sd, reward_source=[f"pickscore={tiny_clip}"], prompts=prompt_file,
-                            inference_steps=6, guidance_scale=3.0, lora_rank=4, lora_alpha=8, lr=3e-2,
-                            batch_size=4, resolution=32, kl_coeff=0.0, run_dir=str(tmp_path))
-    trainer = training.build(cfg, training.utils.init_distributed("cpu"))
-    trainer.stream = FixedBatch(trainer.stream.prompts, cfg.seed)
+def rewards_before_and_after_steps(trainer: training.Trainer, steps: int = 8) -> tuple[float, float]:
+    """The mean reward of one fixed batch of 4 prompts and noises, before and after `steps` steps on it alone."""
+    trainer.stream = FixedBatch(trainer.stream.prompts[:4], trainer.cfg.seed)
     batch, seeds = trainer.stream.prompts, [trainer.stream.noise_seed(i) for i in range(4)]
 
     def fixed_batch_reward():
@@ -193,9 +190,16 @@ def test_training_steps_raise_the_reward_of_a_fixed_batch(tiny_sd, tiny_clip, pr
             return trainer.reward(images, batch).mean().item()
 
     before = fixed_batch_reward()
-    for step in range(8):
+    for step in range(steps):
         trainer.step(step)
-    after = fixed_batch_reward()
+    return before, fixed_batch_reward()
+
+
+def test_training_steps_raise_the_reward_of_a_fixed_batch(tiny_sd, tiny_clip, prompt_file, tmp_path):
+    cfg = training.TrainConfig(model=tiny_sd, reward_source=[f"pickscore={tiny_clip}"], prompts=prompt_file,
+                            inference_steps=6, guidance_scale=3.0, lora_rank=4, lora_alpha=8, lr=3e-2,
+                            batch_size=4, resolution=32, kl_coeff=0.0, run_dir=str(tmp_path))
+    before, after = rewards_before_and_after_steps(training.build(cfg, training.utils.init_distributed("cpu")))
     assert after > before + 0.3, (before, after)
 
 

@@ -107,6 +107,25 @@ def make_tiny_sd(folder: str, prediction_type: str = "epsilon", seed: int = 0,
     return folder
 
 
+def vae_of_factor_4(**config):
+    """An AutoencoderKL with three levels (latents a quarter of the image side), as SDXL's and SD3's
+    tiny models share it; `config` sets the latent channels and the scaling of each family."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8, 16),
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                         norm_num_groups=8, sample_size=32, **config)
+
+
+def clip_tokenizer_pair(folder: str):
+    """The two CLIP tokenizers of SDXL and SD3: the second pads with "!" where the first pads with <|endoftext|>."""
+    from transformers import CLIPTokenizer
+
+    first = CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(folder, "tokenizer")))
+    second = CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(folder, "tokenizer_2")), pad_token="!")
+    return first, second
+
+
 SDXL_TEXT_DIM_2 = 48  # the second encoder is wider, as OpenCLIP bigG is wider than CLIP L in SDXL
 SDXL_POOLED_DIM = 24
 SDXL_TIME_EMBED_DIM = 8
@@ -116,8 +135,8 @@ def make_tiny_sdxl(folder: str, seed: int = 0) -> str:
     """An SDXL base pipeline folder: both text encoders (the second with its projection, whose pooled
     output joins the time ids in the UNet's added condition), the text_time UNet, a VAE that asks
     for fp32 decoding, and the Euler scheduler SDXL base ships with."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -138,18 +157,7 @@ def make_tiny_sdxl(folder: str, seed: int = 0) -> str:
         projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED_DIM + SDXL_POOLED_DIM,
         norm_num_groups=8,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = vae_of_factor_4(latent_channels=4, scaling_factor=0.13025, force_upcast=True)
     text_encoder = CLIPTextModel(clip_text_config())
     text_encoder_2 = CLIPTextModelWithProjection(
         clip_text_config(hidden_size=SDXL_TEXT_DIM_2, num_attention_heads=4, projection_dim=SDXL_POOLED_DIM)
@@ -168,9 +176,7 @@ def make_tiny_sdxl(folder: str, seed: int = 0) -> str:
         sample_max_value=1.0,
         skip_prk_steps=True,
     ))
-    tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(folder, "tokenizer")))
-    # SDXL's second tokenizer pads with "!" where the first pads with <|endoftext|>.
-    tokenizer_2 = CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(folder, "tokenizer_2")), pad_token="!")
+    tokenizer, tokenizer_2 = clip_tokenizer_pair(folder)
     pipe = StableDiffusionXLPipeline(
         unet=unet,
         vae=vae,
@@ -180,6 +186,80 @@ def make_tiny_sdxl(folder: str, seed: int = 0) -> str:
         tokenizer_2=tokenizer_2,
         scheduler=scheduler,
         force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+SD3_TEXT_DIM_2 = 48  # CLIP G is wider than CLIP L in SD3 as in SDXL
+SD3_POOLED_DIM = 16  # each CLIP's projection; the transformer takes both, concatenated
+SD3_JOINT_DIM = TEXT_DIM + SD3_TEXT_DIM_2  # T5's width: both CLIPs' hidden states are zero-padded to it
+SD3_LATENT_CHANNELS = 16
+
+
+def write_t5_tokenizer(folder: str) -> str:
+    """A real T5 (Unigram) tokenizer with one piece per lowercase letter, with and without the word
+    boundary mark, saved as the tokenizer.json + tokenizer_config.json of SD3's tokenizer_3 folder."""
+    from transformers import T5TokenizerFast
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+             + [(c, -3.0) for c in letters] + [("\u2581" + c, -3.5) for c in letters])
+    T5TokenizerFast(vocab=vocab, extra_ids=0).save_pretrained(folder)
+    return folder
+
+
+def make_tiny_sd3(folder: str, seed: int = 0, t5: bool = True, dynamic_shifting: bool = False) -> str:
+    """A Stable Diffusion 3.5 pipeline folder: the MMDiT transformer (joint attention, a dual-attention
+    block and RMS q/k norms as in SD3.5), two CLIP text encoders with projections, a T5 encoder (or
+    none, as a folder saved without text_encoder_3), a 16-channel VAE with SD3's scaling and shift
+    factors, and the flow-match Euler scheduler with SD3's shift of 3 (or dynamic shifting)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=SD3_LATENT_CHANNELS,
+        out_channels=SD3_LATENT_CHANNELS,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=SD3_JOINT_DIM,
+        caption_projection_dim=16,
+        pooled_projection_dim=2 * SD3_POOLED_DIM,
+        pos_embed_max_size=32,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+    vae = vae_of_factor_4(latent_channels=SD3_LATENT_CHANNELS, scaling_factor=1.5305, shift_factor=0.0609,
+                          use_quant_conv=False, use_post_quant_conv=False)
+    text_encoder = CLIPTextModelWithProjection(clip_text_config(projection_dim=SD3_POOLED_DIM))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        clip_text_config(hidden_size=SD3_TEXT_DIM_2, num_attention_heads=4, projection_dim=SD3_POOLED_DIM)
+    )
+    text_encoder_3 = tokenizer_3 = None
+    if t5:
+        text_encoder_3 = T5EncoderModel(T5Config(vocab_size=56, d_model=SD3_JOINT_DIM, d_kv=8, d_ff=64, num_layers=2,
+                                                 num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0))
+        tokenizer_3 = T5TokenizerFast.from_pretrained(write_t5_tokenizer(os.path.join(folder, "tokenizer_3")))
+    if dynamic_shifting:
+        scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=16,
+                                                    max_image_seq_len=256, base_shift=0.5, max_shift=1.15)
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    tokenizer, tokenizer_2 = clip_tokenizer_pair(folder)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
     )
     pipe.save_pretrained(folder)
     return folder
