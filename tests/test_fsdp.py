@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
 import generation
@@ -107,9 +107,11 @@ def test_a_killed_sharded_run_resumes_bit_exactly_and_on_one_process(sharded_run
     assert worst_difference(unet_weights(one_process, 4), unet_weights(run_dir, 4)) <= 1e-5
 
 
-def stock_images(pipeline_class, path, unet_dir, resolution):
+def stock_images(pipeline_class, path, denoiser_dir, resolution):
+    """The stock pipeline with the denoiser of `denoiser_dir` (a unet/ or transformer/ folder) swapped in."""
     pipe = pipeline_class.from_pretrained(path, **models.LOAD_KWARGS[models.detect_family(path)])
-    pipe.unet = UNet2DConditionModel.from_pretrained(unet_dir)
+    name = os.path.basename(denoiser_dir)
+    setattr(pipe, name, type(getattr(pipe, name)).from_pretrained(denoiser_dir))
     pipe.set_progress_bar_config(disable=True)
     return pipe(["a red circle", "a yellow star"], num_inference_steps=4, guidance_scale=3.0, height=resolution,
                 width=resolution, generator=generators([1, 2]), output_type="pt").images
@@ -124,20 +126,21 @@ def our_images(path, checkpoint, resolution):
 
 
 @pytest.mark.slow
-def test_exported_unets_load_into_stock_pipelines_and_reproduce_our_images(sharded_run, tiny_sd, tiny_clip,
-                                                                           prompt_file, tmp_path):
-    sdxl = tiny_models.make_tiny_sdxl(str(tmp_path / "sdxl"))
-    sdxl_run = tmp_path / "sdxl_run"
-    run_train(args_for(sdxl, tiny_clip, prompt_file, sdxl_run, "--fsdp", "--scheduler", "pipeline")
-              + ["--steps", "2"], world_size=2)
-    runs = [(StableDiffusionPipeline, tiny_sd, sharded_run[0] / "checkpoints" / "step-0000004", 32),
-            (StableDiffusionXLPipeline, sdxl, sdxl_run / "checkpoints" / "step-0000002", 32)]
-    for pipeline_class, path, checkpoint, resolution in runs:
-        unet_dir = str(checkpoint / models.FULL_UNET_DIR)
-        plain = stock_images(pipeline_class, path, os.path.join(path, "unet"), resolution)
-        stock = stock_images(pipeline_class, path, unet_dir, resolution)
-        assert (stock - plain).abs().max() > 1e-4, pipeline_class  # the trained UNet changes the images
-        ours = our_images(path, str(checkpoint), resolution)
+def test_exported_denoisers_load_into_stock_pipelines_and_reproduce_our_images(sharded_run, tiny_sd, tiny_clip,
+                                                                               prompt_file, tmp_path):
+    runs = [(StableDiffusionPipeline, tiny_sd, sharded_run[0] / "checkpoints" / "step-0000004", "unet")]
+    for pipeline_class, make, folder in ((StableDiffusionXLPipeline, tiny_models.make_tiny_sdxl, "unet"),
+                                         (StableDiffusion3Pipeline, tiny_models.make_tiny_sd3, "transformer")):
+        path = make(str(tmp_path / folder / "model"))
+        run_dir = tmp_path / folder / "run"
+        run_train(args_for(path, tiny_clip, prompt_file, run_dir, "--fsdp", "--scheduler", "pipeline",
+                           "--resolution", "32") + ["--steps", "2"], world_size=2)
+        runs.append((pipeline_class, path, run_dir / "checkpoints" / "step-0000002", folder))
+    for pipeline_class, path, checkpoint, folder in runs:
+        plain = stock_images(pipeline_class, path, os.path.join(path, folder), 32)
+        stock = stock_images(pipeline_class, path, str(checkpoint / folder), 32)
+        assert (stock - plain).abs().max() > 1e-4, pipeline_class  # the trained denoiser changes the images
+        ours = our_images(path, str(checkpoint), 32)
         assert (ours - stock).abs().max() <= 1e-5, pipeline_class
 
 
