@@ -267,12 +267,14 @@ def test_same_images_and_scores_from_one_and_two_processes(single_run, tmp_path)
             two = torch.tensor(list(Image.open(out2 / name).getdata()), dtype=torch.int16)
             # the batches differ between world sizes: one rounding step at most
             assert (one - two).abs().max() <= 1, name
+    # Scores are of the saved 8-bit images, where that rounding step at a few pixels moves the tiny CLIP's
+    # PickScore (~1 here) by a few 1e-4: 1e-3 allows it, and a wrong image or prompt would move it far more.
     for one, two in zip(*((folder / "scores.jsonl").read_text().splitlines() for folder in (out, out2))):
         one, two = json.loads(one), json.loads(two)
-        assert one == {**two, "pickscore": pytest.approx(two["pickscore"], abs=1e-4)}
+        assert one == {**two, "pickscore": pytest.approx(two["pickscore"], abs=1e-3)}
     rows = [json.loads((folder / "tradeoff.json").read_text())["weighings"] for folder in (out, out2)]
     for row_one, row_two in zip(*rows):
-        assert row_one == pytest.approx(row_two, abs=1e-4)
+        assert row_one == pytest.approx(row_two, abs=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,8 +358,8 @@ def test_each_rank_grids_and_measures_its_own_prompts_from_its_own_images(single
     assert len(records) == 12 and len(diversities) == len(weighings) * len(all_prompts)
     rows = anneal.summarize(cfg, weighings, records, diversities, len(all_prompts))
     expected = json.loads((out / "tradeoff.json").read_text())["weighings"]
-    for row, reference in zip(rows, expected):
-        assert row == pytest.approx(reference, abs=1e-6)
+    for row, reference in zip(rows, expected):  # other batches: an 8-bit rounding step at a few pixels (see above)
+        assert row == pytest.approx(reference, abs=1e-3)
 
 
 # ---------------------------------------------------------------------------------------------

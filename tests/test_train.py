@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 import models
@@ -219,6 +220,10 @@ def test_training_steps_raise_the_reward_of_a_fixed_batch(tiny_sd, tiny_clip, pr
     (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
     (["--kl-coeff", "inf"], "--kl-coeff must be a finite number"),
     (["--device", "cuda"], "no CUDA device"),
+    (["--val-metrics", "nope"], "--val-metrics: unknown metric 'nope'"),
+    (["--val-metrics", "gold_diversity", "--val-metrics-repeats", "1", "--val-every", "1"], "--val-metrics-repeats 2"),
+    (["--val-metrics", "pickscore"], "set --val-every N"),
+    (["--val-metrics", "pickscore", "--val-every", "1", "--val-metrics-num-prompts", "99"], "exceeds the 32 prompts"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(flags, message, tiny_sd, tiny_clip, prompt_file, tmp_path):
     run_dir = tmp_path / "run"
@@ -390,3 +395,31 @@ def test_k_above_one_without_checkpointing_warns_of_the_memory():
     assert training.memory_warning(training.TrainConfig(truncation_steps=10, gradient_checkpointing=True)) is None
     for cfg in (training.TrainConfig(truncation_steps=10), training.TrainConfig(truncation_range=(1, 10))):
         assert "K up to 10 without --gradient-checkpointing" in training.memory_warning(cfg)
+
+
+def test_val_metrics_are_metrics_py_values_for_the_same_prompts_seeds_and_checkpoint(tiny_sd, tiny_clip, prompt_file,
+                                                                                      tmp_path):
+    run_dir = tmp_path / "run"
+    val = ["--val-metrics", "pickscore", "gold_diversity", "--val-metrics-prompts", prompt_file,
+           "--val-metrics-num-prompts", "2", "--val-metrics-repeats", "2", "--val-metrics-seed", "7"]
+    run_train(common_args(tiny_sd, tiny_clip, prompt_file, run_dir, "--steps", "2", "--save-every", "1", *val,
+                          "--val-every", "1"))
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [sorted(k for k in r if k.startswith("val/")) for r in records] == [["val/gold_diversity", "val/pickscore"]] * 2
+    assert records[0]["val/pickscore"] != records[1]["val/pickscore"]  # measured at each step, of its weights
+    out = tmp_path / "metrics.json"
+    result = subprocess.run(
+        [sys.executable, "metrics.py", "--checkpoint", str(run_dir / "checkpoints" / "step-0000002"),
+         "--metrics", "pickscore", "gold_diversity", "--reward-source", f"pickscore={tiny_clip}",
+         "--prompt-set", prompt_file, "--num-prompts", "2", "--num-repeats", "2", "--seed", "7",
+         "--inference-steps", "6", "--guidance-scale", "3.0", "--resolution", "32", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    theirs = json.loads(out.read_text())["results"]["draft"]["metrics"]
+    # The training model samples through its own LoRA layers and metrics.py through stock load_lora_weights:
+    # float rounding that can flip an 8-bit pixel level, which moves the tiny CLIP's score by ~1e-4.
+    assert records[1]["val/pickscore"] == pytest.approx(theirs["pickscore"]["mean"], abs=1e-3)
+    assert records[1]["val/gold_diversity"] == pytest.approx(theirs["gold_diversity"]["mean"], abs=1e-4)
+    curves = Image.open(run_dir / "curves.png")
+    assert curves.size == (3 * 480, 2 * 320)  # reward, KL, gradient norm; the two val metrics
+    assert len(curves.getcolors(1 << 16)) > 2  # drawn, not blank
