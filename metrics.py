@@ -70,7 +70,7 @@ PROMPT_FILE = re.compile(r"prompt_(\d+)\.txt")
 # Settings of generation: an --images run records none of them, as none of them shaped its images.
 GENERATION_FIELDS = ("checkpoint", "model", "weighing", "prompt_set", "num_repeats", "seed", "inference_steps",
                      "guidance_scale", "eta", "scheduler", "sigmas", "resolution", "max_sequence_length", "no_t5",
-                     "offload_text_encoders", "lora_alpha")
+                     "offload_text_encoders", "lora_alpha", "raw_weights")
 STATISTICS = ("per prompt: a reward is the mean over its images, a diversity the mean over pairs of its images; "
               "per metric: mean over prompts, std (n - 1) of the per-prompt values, 95% Student-t confidence "
               "interval of the mean; values on the scale `conventions` states, `raw` the same on the metric's "
@@ -314,7 +314,7 @@ def generated_image_sets(cfg: MetricsConfig) -> list[ImageSet]:
 def folder_image_sets(cfg: MetricsConfig) -> list[ImageSet]:
     """The folder itself if it holds images, else each of its subfolders that does (anneal.py's weighings)."""
     given = [flag for flag, value in (("--checkpoint", cfg.checkpoint), ("--model", cfg.model),
-                                      ("--weighing", cfg.weighing)) if value]
+                                      ("--weighing", cfg.weighing), ("--raw-weights", cfg.raw_weights)) if value]
     if given:
         raise UsageError(f"--images scores existing images, so {given[0]} has no use; drop one of the two")
     if not os.path.isdir(cfg.images):
