@@ -4,9 +4,15 @@ the tuned model's predictions with a weight that changes over the sampler steps.
     # CPU smoke run on a checkpoint of a local pipeline
     python anneal.py --checkpoint runs/smoke/checkpoints/step-0000010 --prompt "a cat" --num-images 2 \
         --inference-steps 10 --out out/anneal
+    # the demo world: anneal a checkpoint of train.py --preset demo on the held-out prompts and seeds of
+    # metrics.py --preset demo, scored with the learned and the gold aesthetic, fidelity and shape
+    python anneal.py --preset demo --checkpoint runs/demo/checkpoints/step-0000100 --out out/anneal-demo
     # 8 GPUs: the default weighings on the bundled eval prompts, scored with PickScore
     torchrun --nproc_per_node=8 anneal.py --checkpoint runs/sd15-pickscore/checkpoints/step-0001000 \
         --score pickscore --out out/anneal-sd15
+    # the same plot with the points of other runs on it (metrics.py JSONs, other anneal.py folders)
+    python anneal.py --preset demo --checkpoint runs/demo/checkpoints/step-0000100 \
+        --compare runs/demo-kl0.1/metrics.json runs/demo-kl1/metrics.json
 
 At sampler step i of N (i = 0 the noisiest) the prediction is (1 - w) * base + w * tuned, with the
 weighing w(i, N) one of: base (0), draft (1), linear (i/N), power_P ((i/N)^P), step_F (1 once
@@ -15,27 +21,33 @@ i/N >= F). For a given (prompt, repeat) every weighing starts from the same nois
 Writes under --out (files of the same name are replaced):
     <weighing>/img_<prompt>_<repeat>.png, <weighing>/prompt_<prompt>.txt
     grids/grid_<prompt>.png       one row per repeat, one column per weighing
-    with --score: scores.jsonl (every image), tradeoff.json and tradeoff.md (mean reward and
-    diversity per weighing), tradeoff_<reward>.png (mean reward against diversity)
+    with --score: scores.jsonl (every image), tradeoff.json and tradeoff.md (mean score and
+    diversity per weighing), tradeoff_<score>.png (mean score against diversity, with the points of
+    --compare)
+
+Scores are those of metrics.py (the same registry and scales, hpsv2 as 100 x cosine), of the images
+as saved (8-bit PNG), so that `metrics.py --images OUT` gives the same numbers.
 
 Diversity of a weighing: per prompt, the mean over pairs of its images of their root-mean-square
-pixel difference (images resized to 64x64, values in [0, 1]), averaged over prompts; 0 means
-identical images. It is a simple pixel-space stand-in for DreamSim, which cannot be assumed
-downloadable here.
+pixel difference (values in [0, 1]; images larger than 64x64 are first resized to 64x64), averaged
+over prompts; 0 means identical images. Up to 64 px it is metrics.py's gold_diversity. It is a simple
+pixel-space stand-in for DreamSim, which cannot be assumed downloadable here.
 """
 
 import itertools
 import json
-import math
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
-import tyro
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+import demo_world
+import evaluation
 import generation
+import plots
 import prompts as prompt_sets
 import rewards
 import sampling
@@ -43,26 +55,44 @@ import utils
 from utils import UsageError
 
 DIVERSITY_SIDE = 64
+# Metrics of metrics.py that score one image at a time (rewards, the demo world's gold evaluator).
+PER_IMAGE_METRICS = [name for name, spec in evaluation.METRICS.items() if spec.min_repeats == 1]
 
 
 @dataclass(kw_only=True)
 class AnnealConfig(generation.InferenceOptions, generation.RewardSourceOption):
+    # a set of defaults: "demo" anneals a demo-world checkpoint as metrics.py --preset demo evaluates it (see PRESETS)
+    preset: Literal["none", "demo"] = "none"
     # tuned weights, applied in order: training checkpoint folders (runs/NAME/checkpoints/step-0001000), FDFO
     # adapter folders, RTDMD .pt LoRAs (stacked: cold start, then RL)
-    checkpoint: tuple[str, ...]
+    checkpoint: tuple[str, ...] = ()
     # tuned-model weight w at step i of N: base 0, draft 1, linear i/N, power_P (i/N)^P, step_F 1 once i/N >= F
     weighing: tuple[str, ...] = sampling.DEFAULT_WEIGHINGS
     prompts: str = "eval_small"  # bundled prompt set name, or a .txt/.json/.jsonl file
     prompt: tuple[str, ...] = ()  # prompts given on the command line, used instead of --prompts
     max_prompts: int | None = None  # use only the first this many prompts
     num_images: int = 4  # images per prompt and weighing
-    # reward names (e.g. pickscore hpsv2) to score every image with, in float32; adds the reward-diversity table and plot
+    # metrics of one image (rewards such as pickscore hpsv2, the demo world's gold_*) to score every image with, in
+    # float32, on metrics.py's scales; adds the score-diversity table and plots
     score: tuple[str, ...] = ()
+    # other results to draw on the trade-off plots: metrics.py JSON files (their gold_diversity is this script's
+    # diversity) or other anneal.py --out folders (their tradeoff.json)
+    compare: tuple[str, ...] = ()
     out: str = "out/anneal"  # output folder
 
 
-def validate(cfg: AnnealConfig) -> None:
-    """Everything that can be checked before loading or writing anything."""
+# The demo world: held-out prompts and seeds, sampler settings and metrics of metrics.py --preset demo, and
+# the default weighings with a few more step_F and power_P.
+PRESETS = {
+    "demo": dict(prompts=demo_world.EVAL_PROMPTS, num_images=demo_world.EVAL_IMAGES, **demo_world.EVALUATION,
+                 score=("aesthetic", "gold_aesthetic", "gold_fidelity", "gold_shape"),
+                 weighing=(*sampling.DEFAULT_WEIGHINGS, "power_0.5", "step_0.3", "step_0.8"),
+                 reward_source=demo_world.AESTHETIC_SOURCE, out="out/anneal-demo"),
+}
+
+
+def validate(cfg: AnnealConfig) -> list["Compared"]:
+    """Everything that can be checked before loading or writing anything; returns the --compare series."""
     utils.require_at_least_one(num_images=cfg.num_images,
                                max_prompts=1 if cfg.max_prompts is None else cfg.max_prompts)
     if not cfg.checkpoint:
@@ -70,12 +100,15 @@ def validate(cfg: AnnealConfig) -> None:
     generation.validate_shared_options(cfg)
     weighing_names(cfg)
     for i, name in enumerate(cfg.score):
-        if name not in rewards.REWARD_NAMES or name in cfg.score[:i]:
-            raise UsageError(f"--score {name!r}: give each reward once, from {', '.join(rewards.REWARD_NAMES)}")
+        if name not in PER_IMAGE_METRICS or name in cfg.score[:i]:
+            raise UsageError(f"--score {name!r}: give each metric once, from {', '.join(PER_IMAGE_METRICS)}")
     if cfg.score and cfg.num_images < 2:
         raise UsageError("--score also measures the diversity among a prompt's images: "
                          f"use --num-images 2 or more, got {cfg.num_images}")
+    if cfg.compare and not cfg.score:
+        raise UsageError("--compare draws other results on the trade-off plots of --score: add --score")
     chosen_prompts(cfg)
+    return [compared_result(path, cfg.score) for path in cfg.compare]
 
 
 def weighing_names(cfg: AnnealConfig) -> list[str]:
@@ -107,7 +140,7 @@ def save_text(text: str, path: str) -> None:
 
 
 @torch.no_grad()
-def render_and_score_share(cfg: AnnealConfig, model, reward, weighings: list[str], all_prompts: list[str],
+def render_and_score_share(cfg: AnnealConfig, model, scorers: dict, weighings: list[str], all_prompts: list[str],
                            dist: utils.Dist) -> tuple[list[dict], dict]:
     """This rank's share of the prompts, every repeat and weighing: images, prompt files and grids
     written, one record per image, and with --score {(weighing, prompt): diversity}. A prompt's grid
@@ -123,7 +156,9 @@ def render_and_score_share(cfg: AnnealConfig, model, reward, weighings: list[str
     for batch, weighing, images in generation.render_batches(
             model, texts, jobs, weighings, generation.SamplerSettings.of(cfg), seed=cfg.seed,
             batch_size=cfg.batch_size, desc="anneal", show_bar=dist.is_main):
-        scores = rewards.per_reward_scores(reward, images, [texts[p] for p, _ in batch]) if reward else {}
+        saved = evaluation.as_saved(images)
+        scores = {name: evaluation.METRICS[name].scale * score(saved, [texts[p] for p, _ in batch])
+                  for name, score in scorers.items()}
         for k, ((p, r), image) in enumerate(zip(batch, utils.to_pil(images))):
             save_image(image, image_path(cfg.out, weighing, p, r))
             if r == 0:
@@ -142,11 +177,14 @@ def render_and_score_share(cfg: AnnealConfig, model, reward, weighings: list[str
 
 
 def diversity(images: list) -> float:
-    """Mean pairwise root-mean-square pixel difference of PIL images resized to 64x64, values in [0, 1]."""
-    side = (DIVERSITY_SIDE, DIVERSITY_SIDE)
-    flat = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize(side), dtype=np.float32)).flatten()
-                        for im in images]) / 255
-    return (torch.pdist(flat) / math.sqrt(flat.shape[1])).mean().item()
+    """Mean pairwise root-mean-square pixel difference of PIL images (resized to 64x64 when larger), values in [0, 1]."""
+    def pixels(image):
+        image = image.convert("RGB")
+        if max(image.size) > DIVERSITY_SIDE:
+            image = image.resize((DIVERSITY_SIDE, DIVERSITY_SIDE))
+        return torch.from_numpy(np.asarray(image, dtype=np.float32)).flatten() / 255
+
+    return evaluation.mean_pairwise_rms_distance(torch.stack([pixels(image) for image in images]))
 
 
 def finish_prompt(cfg: AnnealConfig, p: int, images: dict, weighings: list[str], records: list[dict]) -> dict:
@@ -188,41 +226,64 @@ def markdown_table(rows: list[dict], reward_names: tuple[str, ...]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tradeoff_plot(points: list[tuple[str, float, float]], reward_name: str):
-    """Mean reward (y) against diversity (x): one labelled dot per weighing."""
-    width, height, left, bottom, top, pad = 720, 520, 90, 60, 50, 30
-    font = ImageFont.load_default(size=14)
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-
-    def axis(values, start, end):
-        low, high = min(values), max(values)
-        margin = (high - low) * 0.15 or abs(high) * 0.1 or 1.0
-        low, high = low - margin, high + margin
-        return low, high, lambda v: start + (v - low) / (high - low) * (end - start)
-
-    x_low, x_high, to_x = axis([x for _, x, _ in points], left, width - pad)
-    y_low, y_high, to_y = axis([y for _, _, y in points], height - bottom, top)
-    draw.line([(left, top), (left, height - bottom), (width - pad, height - bottom)], fill="black", width=2)
-    for fraction in (0.0, 0.5, 1.0):
-        x_value, y_value = x_low + fraction * (x_high - x_low), y_low + fraction * (y_high - y_low)
-        draw.text((to_x(x_value), height - bottom + 8), f"{x_value:.4g}", fill="black", font=font, anchor="mt")
-        draw.text((left - 8, to_y(y_value)), f"{y_value:.4g}", fill="black", font=font, anchor="rm")
-    draw.text(((left + width - pad) / 2, height - 8), "diversity (mean pairwise RMS pixel difference)",
-              fill="black", font=font, anchor="mb")
-    draw.text((left, top - 16), f"mean {reward_name}", fill="black", font=font, anchor="mb")
-    for name, x_value, y_value in points:
-        x, y = to_x(x_value), to_y(y_value)
-        draw.ellipse([x - 5, y - 5, x + 5, y + 5], fill=(31, 119, 180))
-        draw.text((x + 8, y - 8), name, fill="black", font=font, anchor="lb")
-    return image
+def tradeoff_plot(rows: list[dict], name: str, compared: list["Compared"]):
+    """Mean score (y) against diversity (x): one labelled dot per weighing, and the --compare results."""
+    ours = plots.Series("this run", [plots.Point(row["diversity"], row[name], row["weighing"]) for row in rows])
+    others = [plots.Series(one.label, one.points[name]) for one in compared]
+    return plots.chart([ours, *others], "diversity (mean pairwise RMS pixel difference)", f"mean {name}",
+                       legend=bool(compared))
 
 
-def write_tradeoff(cfg: AnnealConfig, rows: list[dict], records: list[dict], num_prompts: int) -> str:
+@dataclass
+class Compared:
+    label: str
+    points: dict[str, list[plots.Point]]  # per plotted metric, a point per row of the result
+
+
+def compared_result(path: str, names: tuple[str, ...]) -> Compared:
+    """Another result's points, per metric one per row: a metrics.py JSON (x its gold_diversity, with
+    95% intervals) or an anneal.py --out folder (its tradeoff.json)."""
+    file = os.path.join(path, "tradeoff.json") if os.path.isdir(path) else path
+    try:
+        with open(file) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--compare {path!r}: cannot read {file!r} ({error})") from None
+    points = {name: [] for name in names}
+    if "weighings" in data:  # anneal.py's tradeoff.json
+        for row in data["weighings"]:
+            missing = [name for name in names if name not in row]
+            if missing:
+                raise UsageError(f"--compare {path!r} has no {missing[0]} scores; it was annealed with other --score")
+            for name in names:
+                points[name].append(plots.Point(row["diversity"], row[name], row["weighing"]))
+    elif "results" in data:  # metrics.py's JSON
+        for row_name, result in data["results"].items():
+            summary = result["metrics"]
+            missing = [name for name in ("gold_diversity", *names) if name not in summary]
+            if missing:
+                raise UsageError(f"--compare {path!r} has no {missing[0]}: evaluate it with metrics.py --metrics "
+                                 f"{' '.join(('gold_diversity', *names))}")
+            x = summary["gold_diversity"]
+            for name in names:
+                points[name].append(plots.Point(x["mean"], summary[name]["mean"], row_name, _interval(x),
+                                                _interval(summary[name])))
+    else:
+        raise UsageError(f"--compare {path!r} is neither a metrics.py JSON nor an anneal.py tradeoff.json")
+    return Compared(os.path.basename(os.path.dirname(os.path.abspath(file))), points)
+
+
+def _interval(summary: dict) -> tuple[float, float] | None:
+    return tuple(summary["ci95"]) if summary.get("ci95") else None
+
+
+def write_tradeoff(cfg: AnnealConfig, rows: list[dict], records: list[dict], num_prompts: int,
+                   compared: list[Compared]) -> str:
     order = {row["weighing"]: i for i, row in enumerate(rows)}
     ordered = sorted(records, key=lambda rec: (order[rec["weighing"]], rec["prompt_index"], rec["repeat"]))
     save_text("\n".join(json.dumps(rec) for rec in ordered), os.path.join(cfg.out, "scores.jsonl"))
-    summary = {"checkpoint": cfg.checkpoint, "raw_weights": cfg.raw_weights, "num_prompts": num_prompts, "num_images": cfg.num_images,
+    summary = {"checkpoint": cfg.checkpoint, "raw_weights": cfg.raw_weights, "num_prompts": num_prompts,
+               "num_images": cfg.num_images,
                "inference_steps": cfg.inference_steps, "guidance_scale": cfg.guidance_scale, "seed": cfg.seed,
                "diversity": "mean over prompts of the mean pairwise RMS pixel difference at "
                             f"{DIVERSITY_SIDE}x{DIVERSITY_SIDE}, values in [0, 1]",
@@ -231,7 +292,7 @@ def write_tradeoff(cfg: AnnealConfig, rows: list[dict], records: list[dict], num
     table = markdown_table(rows, cfg.score)
     save_text(table.rstrip("\n"), os.path.join(cfg.out, "tradeoff.md"))
     for name in cfg.score:
-        plot = tradeoff_plot([(row["weighing"], row["diversity"], row[name]) for row in rows], name)
+        plot = tradeoff_plot(rows, name, compared)
         save_image(plot, os.path.join(cfg.out, f"tradeoff_{name}.png"))
     return table
 
@@ -241,27 +302,24 @@ def write_tradeoff(cfg: AnnealConfig, rows: list[dict], records: list[dict], num
 
 @utils.exit_cleanly_on_usage_error
 def main(cfg: AnnealConfig) -> None:
-    validate(cfg)
+    compared = validate(cfg)
     weighings, all_prompts = weighing_names(cfg), chosen_prompts(cfg)
     dist = utils.init_distributed(cfg.device)
     model, cfg = generation.load_for_inference(cfg, cfg.checkpoint, dist.device)
-    reward = None
-    if cfg.score:
-        # float32 whatever the generation dtype: bf16 would quantise a PickScore near 21 to steps of 0.125
-        reward = rewards.load_reward(",".join(cfg.score), rewards.parse_reward_sources(cfg.reward_source),
-                                     dtype=torch.float32, device=dist.device)
+    setup = evaluation.MetricSetup(dist.device, rewards.parse_reward_sources(cfg.reward_source), dreamsim_cache="")
+    scorers = evaluation.load_metrics(list(cfg.score), setup, dist)
     utils.ensure_writable_dir(cfg.out)
 
-    local_records, local_diversity = render_and_score_share(cfg, model, reward, weighings, all_prompts, dist)
+    local_records, local_diversity = render_and_score_share(cfg, model, scorers, weighings, all_prompts, dist)
     records = list(itertools.chain.from_iterable(utils.gather_objects(local_records)))
     diversities = {k: v for part in utils.gather_objects(local_diversity) for k, v in part.items()}
     if dist.is_main and cfg.score:
         rows = summarize(cfg, weighings, records, diversities, len(all_prompts))
-        print(write_tradeoff(cfg, rows, records, len(all_prompts)), end="", flush=True)
+        print(write_tradeoff(cfg, rows, records, len(all_prompts), compared), end="", flush=True)
     utils.print0(f"done: {len(records)} images of {len(weighings)} weighings in {cfg.out}")
     utils.barrier()
     utils.shutdown_distributed()
 
 
 if __name__ == "__main__":
-    main(tyro.cli(AnnealConfig, description=__doc__))
+    main(utils.cli_with_presets(AnnealConfig, PRESETS, __doc__))

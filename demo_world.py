@@ -31,6 +31,14 @@ DEMO_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
 DEMO_SD = os.path.join(DEMO_DIR, "sd")
 DEMO_CLIP = os.path.join(DEMO_DIR, "clip")
 
+# The settings the demo presets of train.py, generate.py, anneal.py and metrics.py share: the sampler the
+# world is trained with, and the held-out prompts and seeds it is evaluated on, each defined once here.
+SAMPLING = dict(inference_steps=20, guidance_scale=5.0)
+EVALUATION = dict(model=DEMO_SD, seed=1000, batch_size=24, **SAMPLING)  # the seeds differ from training's (0)
+EVAL_PROMPTS = "demo_eval"
+EVAL_IMAGES = 4  # per prompt
+AESTHETIC_SOURCE = [f"aesthetic={DEMO_CLIP}"]
+
 IMAGE_SIZE = 32
 SUPERSAMPLING = 4  # drawn 4x larger and box-filtered down, so edges are anti-aliased as in photos
 

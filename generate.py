@@ -6,6 +6,8 @@ side by side on the same noise, or any annealed-guidance mix.
         --num-images 2 --inference-steps 10 --side-by-side --out out/grid.png
     # the base model alone
     python generate.py --model path/to/pipeline --prompts animals --out out/base.png
+    # the demo world: base and tuned on held-out prompts and seeds, as metrics.py --preset demo draws them
+    python generate.py --preset demo --checkpoint runs/demo/checkpoints/step-0000100 --side-by-side
     # 2 GPUs: base and tuned SD 1.5 side by side on the first 8 bundled eval prompts
     torchrun --nproc_per_node=2 generate.py --checkpoint runs/sd15-pickscore/checkpoints/step-0001000 \
         --side-by-side --max-prompts 8 --out out/sd15-grid.png
@@ -17,10 +19,11 @@ the same noise as anneal.py's img_<p>_<r> with the same --seed, so the two agree
 import itertools
 import os
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
-import tyro
 
+import demo_world
 import generation
 import prompts as prompt_sets
 import utils
@@ -31,6 +34,8 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"
 
 @dataclass(kw_only=True)
 class GenerateConfig(generation.InferenceOptions):
+    # a set of defaults: "demo" draws the demo world as metrics.py --preset demo does (see PRESETS)
+    preset: Literal["none", "demo"] = "none"
     # tuned weights, applied in order: training checkpoint folders (runs/NAME/checkpoints/step-0001000), FDFO
     # adapter folders, RTDMD .pt LoRAs (stacked: cold start, then RL); none: the base model alone
     checkpoint: tuple[str, ...] = ()
@@ -42,6 +47,11 @@ class GenerateConfig(generation.InferenceOptions):
     side_by_side: bool = False  # base and tuned next to each other on the same noise (same as --weighing base draft)
     # annealed-guidance mixes per seed (base, draft, linear, power_P, step_F); default draft, or base with no --checkpoint
     weighing: tuple[str, ...] = ()
+
+
+# The demo world's model, held-out prompts, seeds and sampler settings, as metrics.py --preset demo uses them.
+PRESETS = {"demo": dict(prompts=demo_world.EVAL_PROMPTS, max_prompts=6, num_images=demo_world.EVAL_IMAGES,
+                        out="out/demo-grid.png", **demo_world.EVALUATION)}
 
 
 def validate(cfg: GenerateConfig) -> None:
@@ -117,4 +127,4 @@ def main(cfg: GenerateConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(GenerateConfig, description=__doc__))
+    main(utils.cli_with_presets(GenerateConfig, PRESETS, __doc__))

@@ -223,7 +223,8 @@ def load_for_inference(cfg: InferenceOptions, checkpoints: tuple[str, ...], devi
     model = models.load_model(name, device, inference_dtype(cfg.dtype, device), cfg.scheduler, text_encoding(cfg))
     models.load_checkpoints_for_inference(model, checkpoints, cfg.lora_alpha, cfg.raw_weights)
     if not cfg.raw_weights and any(map(models.ema_folder, checkpoints)):
-        utils.print0("loaded the EMA weights (ema/) of the checkpoints that hold them; --raw-weights loads the raw ones")
+        utils.print0("loaded the EMA weights (ema/) of the checkpoints that hold them; --raw-weights loads "
+                     "the raw ones")
     return model, replace(cfg, model=name, resolution=checked_resolution(model, cfg.resolution))
 
 

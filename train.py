@@ -26,12 +26,16 @@ import training
 import utils
 from training import TrainConfig
 
-# The demo world's settings: its 32 px model, its aesthetic head as the reward, its training prompts, and
-# a LoRA small and fast enough that the reward visibly rises within a few CPU minutes.
+# The demo world's settings: its 32 px model, its aesthetic head as the reward, its training prompts, a
+# LoRA small and fast enough that the reward visibly rises within a few CPU minutes, and the gold evaluator
+# on held-out prompts and seeds beside it, so that reward hacking shows in curves.png as it happens.
 PRESETS = {
-    "demo": dict(model=demo_world.DEMO_SD, reward="aesthetic", reward_source=[f"aesthetic={demo_world.DEMO_CLIP}"],
-                 prompts="demo", resolution=32, inference_steps=20, guidance_scale=5.0, lora_rank=8, lora_alpha=8.0,
-                 lr=3e-3, batch_size=4, steps=100, save_every=50, val_every=50, val_prompts=6, run_dir="runs/demo"),
+    "demo": dict(model=demo_world.DEMO_SD, reward="aesthetic", reward_source=demo_world.AESTHETIC_SOURCE,
+                 prompts="demo", resolution=32, **demo_world.SAMPLING, lora_rank=8, lora_alpha=8.0,
+                 lr=3e-3, batch_size=4, steps=100, save_every=50, val_every=25, val_prompts=6, run_dir="runs/demo",
+                 val_metrics=("gold_aesthetic", "gold_fidelity", "gold_shape", "gold_diversity"),
+                 val_metrics_prompts=demo_world.EVAL_PROMPTS, val_metrics_num_prompts=6, val_metrics_repeats=2,
+                 val_metrics_seed=demo_world.EVALUATION["seed"]),
 }
 
 

@@ -9,14 +9,16 @@ import os
 import random
 import shutil
 import sys
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal
 
 import torch
 from tqdm import tqdm
 
+import evaluation
 import generation
 import models
+import plots
 import prompts as prompt_sets
 import rewards
 import utils
@@ -46,7 +48,8 @@ class TrainConfig(SamplerOptions, TextEncoderOptions, DeviceOption, RewardSource
     warmup_steps: int = 0  # linear learning-rate warm-up steps
     max_grad_norm: float = 1.0  # gradient clipping threshold (global L2 norm)
     # keep an exponential moving average of the trainable weights with this decay, e.g. 0.999 (off by default);
-    # updated after each optimizer step, saved beside the raw weights (ema/), used for validation and by --checkpoint consumers
+    # updated after each optimizer step, saved beside the raw weights (ema/), used for validation and by
+    # --checkpoint consumers
     ema_decay: float | None = None
     steps: int = 1000  # optimizer steps in total
     lora_rank: int | None = None  # LoRA rank on the attention projections; default 32
@@ -67,6 +70,13 @@ class TrainConfig(SamplerOptions, TextEncoderOptions, DeviceOption, RewardSource
     save_every: int = 100  # checkpoint every this many steps (and at the end)
     val_every: int = 100  # base-vs-tuned grid of fixed prompts and seeds every this many steps (0: never)
     val_prompts: int = 4  # prompts in the validation grid
+    # metrics of metrics.py (e.g. gold_fidelity clip_l14 hpsv2) to measure every --val-every steps on held-out prompts
+    # and seeds, logged as val/<name> beside the training reward: reward hacking shows as the reward rising while they fall
+    val_metrics: tuple[str, ...] = ()
+    val_metrics_prompts: str = "eval_small"  # prompt set of --val-metrics (as metrics.py's --prompt-set)
+    val_metrics_num_prompts: int = 8  # its prompts used, spread evenly over the set (as metrics.py's --num-prompts)
+    val_metrics_repeats: int = 2  # images per prompt (as metrics.py's --num-repeats; diversity metrics need 2)
+    val_metrics_seed: int = 0  # noise of the --val-metrics images (as metrics.py's --seed, whose default it is)
     log_every: int = 1  # print a status line every this many steps
     max_bad_steps: int = 5  # stop after this many bad steps in a row (non-finite loss, or fp16 loss scale below 1)
     wandb: bool = False  # also log to Weights & Biases
@@ -113,6 +123,30 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("--fsdp trains in bf16 or fp32 (--mixed-precision bf16, auto or no); fp16 is not supported")
     rewards.parse_reward_spec(cfg.reward)
     prompt_sets.load_prompts(cfg.prompts)
+    if cfg.val_metrics:
+        validate_val_metrics(cfg)
+
+
+def validate_val_metrics(cfg: TrainConfig) -> None:
+    names = evaluation.checked_metric_names(cfg.val_metrics, "--val-metrics")
+    utils.require_at_least_one(val_metrics_num_prompts=cfg.val_metrics_num_prompts,
+                               val_metrics_repeats=cfg.val_metrics_repeats)
+    needs = max(evaluation.METRICS[name].min_repeats for name in names)
+    if cfg.val_metrics_repeats < needs:
+        raise UsageError(f"--val-metrics {' '.join(names)}: a diversity compares a prompt's images; use "
+                         f"--val-metrics-repeats {needs} or more, got {cfg.val_metrics_repeats}")
+    if not cfg.val_every:
+        raise UsageError("--val-metrics are measured every --val-every steps: set --val-every N (N >= 1)")
+    val_metrics_prompts(cfg)
+
+
+def val_metrics_prompts(cfg: TrainConfig) -> dict[int, str]:
+    """The held-out prompts of --val-metrics by their index in the set, chosen as metrics.py --num-prompts does."""
+    every = prompt_sets.load_prompts(cfg.val_metrics_prompts)
+    if cfg.val_metrics_num_prompts > len(every):
+        raise UsageError(f"--val-metrics-num-prompts {cfg.val_metrics_num_prompts} exceeds the {len(every)} prompts "
+                         f"of {cfg.val_metrics_prompts!r}")
+    return {p: every[p] for p in prompt_sets.spread_indices(len(every), cfg.val_metrics_num_prompts)}
 
 
 def resolved(cfg: TrainConfig, family: str) -> TrainConfig:
@@ -199,6 +233,13 @@ class Trainer:
     sharded: bool = False  # the UNet and its base copy are FSDP-sharded over the processes
     # --ema-decay: the moving average of the trainable weights, one fp32 tensor per parameter, in their order
     ema: list[torch.Tensor] | None = None
+    val_scorers: dict = field(default_factory=dict)  # --val-metrics by name, on the processes that measure them
+
+    @property
+    def validates(self) -> bool:
+        """Whether this process makes the validation calls: rank 0, or every rank when the networks are
+        sharded (each call then needs them all)."""
+        return self.dist.is_main or self.sharded
 
     def autocast(self):
         return torch.autocast(self.dist.device.type, dtype=self.amp, enabled=self.amp is not None)
@@ -305,7 +346,7 @@ class Trainer:
         self.model.lora_changed()
 
     def validation_weights(self):
-        """The weights the validation grid shows: the EMA when there is one."""
+        """The weights validation shows (the grid, --val-metrics): the EMA when there is one."""
         return self.ema_weights() if self.ema is not None else contextlib.nullcontext()
 
     @torch.no_grad()
@@ -328,6 +369,26 @@ class Trainer:
             path = os.path.join(folder, f"step-{step:07d}.png")
             utils.write_atomic_file(path, lambda tmp: grid.save(tmp, format="PNG"))
         return {"val_reward_base": base_scores.mean().item(), "val_reward_tuned": tuned_scores.mean().item()}
+
+    @torch.no_grad()
+    def validation_metrics(self) -> dict:
+        """--val-metrics of the tuned model, on the images metrics.py would draw for the same prompts, seeds
+        and sampler settings, and reduced as it reduces them: {"val/<name>": mean over prompts}."""
+        cfg = self.cfg
+        prompts = val_metrics_prompts(cfg)
+        image_set = evaluation.ImageSet("draft", prompts, dict.fromkeys(prompts, cfg.val_metrics_repeats))
+        settings = generation.SamplerSettings(self.resolution, cfg.inference_steps, cfg.guidance_scale, cfg.eta,
+                                              cfg.sigmas)
+
+        def images_of(one_set, batch):
+            return evaluation.rendered_as_saved(self.model, one_set, batch, settings, cfg.val_metrics_seed)
+
+        alone = utils.Dist(0, 1, 0, self.dist.device)  # each validating process measures every prompt
+        with self.autocast(), self.validation_weights():
+            records = evaluation.score_share([image_set], self.val_scorers, images_of, cfg.batch_size, alone,
+                                             show_bar=False)
+        results = evaluation.summarize([image_set], list(self.val_scorers), records)["draft"]["metrics"]
+        return {f"val/{name}": summary["mean"] for name, summary in results.items()}
 
 
 def new_ema(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
@@ -487,7 +548,9 @@ def restore_checkpoint(trainer: Trainer, folder: str) -> int:
 FAMILY_DEFAULTED = (*models.FAMILY_DEFAULTS["sd"], "resolution")
 # Fields a resume may change: they shape neither the weights nor the data order.
 MUTABLE_ON_RESUME = {"steps", "save_every", "val_every", "log_every", "wandb", "wandb_project", "device",
-                     "offload_text_encoders", "export_every", "run_dir"}  # a run dir may be moved or copied
+                     "offload_text_encoders", "export_every", "run_dir",  # a run dir may be moved or copied
+                     "val_metrics", "val_metrics_prompts", "val_metrics_num_prompts", "val_metrics_repeats",
+                     "val_metrics_seed"}
 
 
 def check_same_run(cfg: TrainConfig, world_size: int) -> TrainConfig:
@@ -561,7 +624,13 @@ def build(cfg: TrainConfig, dist: utils.Dist) -> Trainer:
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp == torch.float16)
     stream = PromptStream(prompt_sets.load_prompts(cfg.prompts), cfg.seed)
     ema = new_ema(params) if cfg.ema_decay is not None else None
-    return Trainer(cfg, dist, model, reward, optimizer, scaler, stream, amp, sharded, ema)
+    trainer = Trainer(cfg, dist, model, reward, optimizer, scaler, stream, amp, sharded, ema)
+    if cfg.val_metrics and trainer.validates:
+        setup = evaluation.MetricSetup(dist.device, rewards.parse_reward_sources(cfg.reward_source),
+                                       dreamsim_cache="~/.cache/dreamsim")
+        names = evaluation.checked_metric_names(cfg.val_metrics)
+        trainer.val_scorers = evaluation.load_metrics(names, setup, dist if sharded else utils.Dist(0, 1, 0, dist.device))
+    return trainer
 
 
 def start_wandb(cfg: TrainConfig, start: int):
@@ -591,7 +660,22 @@ class Diverged(Exception):
 
 def spread(items: list, count: int) -> list:
     """`count` items evenly spread over the list (a sorted prompt set's head would be all alike)."""
-    return [items[i * len(items) // count] for i in range(min(count, len(items)))]
+    return [items[i] for i in prompt_sets.spread_indices(len(items), min(count, len(items)))]
+
+
+CURVES = (("reward_mean", "training reward"), ("kl", "KL"), ("grad_norm", "gradient norm"))
+
+
+def write_curves(records: list[dict], path: str) -> None:
+    """The training reward, KL and gradient norm, and each val/<name>, against step: one chart each."""
+    names = [*CURVES, *((key, key) for key in dict.fromkeys(k for r in records for k in r if k.startswith("val/")))]
+    charts = []
+    for key, title in names:
+        points = [plots.Point(r["step"], r[key]) for r in records if r.get(key) is not None]
+        charts.append(plots.chart([plots.Series("", points, joined=True, labelled=False)], "step", key, title,
+                                  size=(480, 320)))
+    sheet = plots.side_by_side(charts, columns=3)
+    utils.write_atomic_file(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
 
 def run_steps(trainer: Trainer, start: int, log: utils.JsonlLog, run, val_prompts: list[str]) -> str | None:
@@ -615,14 +699,19 @@ def run_steps(trainer: Trainer, start: int, log: utils.JsonlLog, run, val_prompt
             if bad_streak >= cfg.max_bad_steps:
                 bar.close()
                 raise Diverged(f"{bad_streak} bad steps in a row at step {done}")
-        if cfg.val_every and (done % cfg.val_every == 0 or done == cfg.steps):
-            if dist.is_main or trainer.sharded:  # sharded networks need every rank in each call
+        validating = bool(cfg.val_every) and (done % cfg.val_every == 0 or done == cfg.steps)
+        if validating:
+            if trainer.validates:
                 record.update(trainer.validation_grid(done, val_prompts))
+                if trainer.val_scorers:
+                    record.update(trainer.validation_metrics())
             utils.barrier()
         if dist.is_main:
             log.write(record)
             if run is not None:
                 run.log(record, step=done)
+            if validating or done == cfg.steps:
+                write_curves(log.records(), os.path.join(cfg.run_dir, "curves.png"))
             if done % cfg.log_every == 0 or done == cfg.steps:
                 bar.write(status_line(done, cfg.steps, record))
         bar.update(1)

@@ -219,16 +219,21 @@ class JsonlLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def records(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
     def drop_after(self, step: int) -> None:
         """Forget the records past `step`: a resumed run writes them again, and each step is logged once."""
         if not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        kept = [record for record in self.records() if record["step"] <= step]
 
         def write(tmp):
             with open(tmp, "w") as f:
-                f.writelines(kept)
+                f.writelines(json.dumps(record) + "\n" for record in kept)
 
         write_atomic_file(self.path, write)
 

@@ -16,9 +16,11 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
 import anneal
+import demo_world
+import evaluation
 import generation
 import models
-import rewards
+import plots
 import sampling
 import tiny_rewards
 import utils
@@ -298,6 +300,8 @@ def test_checkpoint_of_another_base_model_ends_the_script_in_one_line(checkpoint
         (["--weighing", ""], "no weighing given"),
         (["--score", "pickscore", "--num-images", "1"], "--num-images 2 or more"),
         (["--score", "beauty"], "--score 'beauty'"),
+        (["--score", "gold_diversity"], "--score 'gold_diversity'"),
+        (["--compare", "nowhere.json"], "--compare draws other results"),
         (["--reward-source", "pickscore"], "bad --reward-source 'pickscore'"),
         (["--num-images", "0"], "--num-images must be at least 1"),
         (["--resolution", "33"], "--resolution 33 must be a multiple of 2"),
@@ -337,12 +341,13 @@ def test_each_rank_grids_and_measures_its_own_prompts_from_its_own_images(single
     out, args, _ = single_run
     cfg = tyro.cli(anneal.AnnealConfig, args=args)
     model, cfg = generation.load_for_inference(cfg, cfg.checkpoint, CPU)
-    reward = rewards.load_reward("pickscore", {"pickscore": tiny_clip}, device=CPU)
+    scorers = evaluation.load_metrics(["pickscore"], evaluation.MetricSetup(CPU, {"pickscore": tiny_clip}, ""),
+                                      utils.Dist(0, 1, 0, CPU))
     weighings, all_prompts = anneal.weighing_names(cfg), anneal.chosen_prompts(cfg)
     records, diversities = [], {}
     for rank in (0, 1):
         node = replace(cfg, out=str(tmp_path / f"node{rank}"))
-        mine, measured = anneal.render_and_score_share(node, model, reward, weighings, all_prompts,
+        mine, measured = anneal.render_and_score_share(node, model, scorers, weighings, all_prompts,
                                                        utils.Dist(rank, 2, rank, CPU))
         records += mine
         diversities.update(measured)
@@ -353,3 +358,52 @@ def test_each_rank_grids_and_measures_its_own_prompts_from_its_own_images(single
     expected = json.loads((out / "tradeoff.json").read_text())["weighings"]
     for row, reference in zip(rows, expected):
         assert row == pytest.approx(reference, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo world
+
+
+def test_demo_preset_scores_as_metrics_does_and_overlays_compared_results(tmp_path):
+    """anneal.py --preset demo end to end: its scores and diversity are metrics.py's on the same images,
+    and --compare draws a metrics.py JSON's points on the trade-off plots."""
+    checkpoint = write_lora_checkpoint(str(tmp_path / "ckpt"), demo_world.DEMO_SD, perturb=0.3)
+    small = ["--checkpoint", checkpoint, "--max-prompts", "2", "--num-images", "2", "--inference-steps", "4",
+             "--weighing", "base", "draft", "step_0.5"]
+    out = tmp_path / "anneal"
+    result = run_script("anneal.py", ["--preset", "demo", *small, "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "tradeoff.json").read_text())
+    assert summary["seed"] == 1000 and summary["guidance_scale"] == 5.0  # metrics.py --preset demo's noise and CFG
+    result = run_script("metrics.py", ["--preset", "demo", "--images", str(out), "--out", str(tmp_path / "m.json")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads((tmp_path / "m.json").read_text())["results"]
+    names = ("aesthetic", "gold_aesthetic", "gold_fidelity", "gold_shape")
+    for row in summary["weighings"]:
+        theirs = measured[row["weighing"]]["metrics"]
+        for name in names:  # the mean over images equals the mean over prompts: each prompt has 2 images
+            assert row[name] == pytest.approx(theirs[name]["mean"], abs=1e-5), name
+        assert row["diversity"] == pytest.approx(theirs["gold_diversity"]["mean"], abs=1e-6)
+    assert summary["weighings"][0]["diversity"] != summary["weighings"][1]["diversity"]  # the LoRA changes images
+
+    alone = Image.open(out / "tradeoff_gold_aesthetic.png")
+    compared = tmp_path / "compared"
+    result = run_script("anneal.py", ["--preset", "demo", *small, "--out", str(compared),
+                                      "--compare", str(tmp_path / "m.json")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    overlay = Image.open(compared / "tradeoff_gold_aesthetic.png")
+    assert overlay.size == alone.size
+    # the same points of this run, plus the compared ones in the second colour, and a legend naming them
+    second_colour = plots.COLOURS[1]
+    assert second_colour not in {colour for _, colour in alone.getcolors(1 << 16)}
+    assert second_colour in {colour for _, colour in overlay.getcolors(1 << 16)}
+
+
+def test_compare_refuses_results_without_the_plotted_metrics(checkpoint, tmp_path, capfd):
+    foreign = tmp_path / "other.json"
+    foreign.write_text(json.dumps({"results": {"draft": {"metrics": {"pickscore": {"mean": 1.0}}}}}))
+    code = run_main_in_process(["--checkpoint", checkpoint, "--score", "pickscore", "--compare", str(foreign),
+                                "--out", str(tmp_path / "out")])
+    err = capfd.readouterr().err
+    assert code == 2 and "has no gold_diversity" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()

@@ -14,6 +14,7 @@ from diffusers import StableDiffusionPipeline
 from transformers import CLIPTokenizer
 
 import demo_world
+import evaluation
 import generation
 import metrics
 import models
@@ -114,13 +115,13 @@ def test_prompt_sets_are_base_captions_and_the_eval_set_is_held_out():
 
 
 def test_gold_metrics_are_registered_and_refuse_prompts_outside_the_grammar():
-    setup = metrics.MetricSetup(torch.device("cpu"), {}, "")
+    setup = evaluation.MetricSetup(torch.device("cpu"), {}, "")
     images = rendered(random_captions(2, seed=4))
-    fidelity = metrics.METRICS["gold_fidelity"].load(setup)
+    fidelity = evaluation.METRICS["gold_fidelity"].load(setup)
     with pytest.raises(UsageError, match="demo-world prompts"):
         fidelity(images, ["a lighthouse at sunset", "a red circle"])
-    pixels = metrics.METRICS["gold_diversity"].load(setup)(images, ["", ""])
-    diversity = metrics.METRICS["gold_diversity"].per_prompt
+    pixels = evaluation.METRICS["gold_diversity"].load(setup)(images, ["", ""])
+    diversity = evaluation.METRICS["gold_diversity"].per_prompt
     assert diversity(torch.stack([pixels[0], pixels[0]])) == 0
     rms = (images[0] - images[1]).pow(2).mean().sqrt().item()
     assert diversity(pixels) == pytest.approx(rms, rel=1e-6)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-import metrics
+import evaluation
 import utils
 
 dreamsim_package = pytest.importorskip("dreamsim")
@@ -107,7 +107,7 @@ def pil_images():
 @pytest.fixture(scope="module")
 def our_embeddings(dreamsim_model, pil_images):
     model, preprocess = dreamsim_model
-    return metrics.dreamsim_embedder(model, preprocess, CPU)(pil_images[1], ["a prompt"] * 4)
+    return evaluation.dreamsim_embedder(model, preprocess, CPU)(pil_images[1], ["a prompt"] * 4)
 
 
 def test_our_dreamsim_embeddings_are_the_packages_own(dreamsim_model, pil_images, our_embeddings):
@@ -125,7 +125,7 @@ def test_our_dreamsim_embeddings_are_the_packages_own(dreamsim_model, pil_images
 
 def test_dreamsim_diversity_is_the_packages_distance_averaged_over_pairs(dreamsim_model, pil_images, our_embeddings):
     model, preprocess = dreamsim_model
-    per_prompt = metrics.METRICS["dreamsim_diversity"].per_prompt
+    per_prompt = evaluation.METRICS["dreamsim_diversity"].per_prompt
     pixels = torch.cat([preprocess(image) for image in pil_images[0][:3]])
     first, second = [0, 0, 1], [1, 2, 2]  # the pairs of a prompt with three images
     with torch.no_grad():

@@ -25,6 +25,8 @@ from test_train import common_args, run_train
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
 DECAY = 0.9
+# Tiny models gain nothing from threads, and on a shared 2-core machine threads only contend.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def checkpoint_dir(run_dir, step) -> str:
@@ -118,7 +120,7 @@ def ema_run(tiny_sd, tiny_clip, prompt_file, tmp_path_factory):
     """4 LoRA steps at decay 0.9, a checkpoint after each."""
     run_dir = tmp_path_factory.mktemp("ema")
     run_train(common_args(tiny_sd, tiny_clip, prompt_file, run_dir, "--ema-decay", str(DECAY), "--steps", "4",
-                          "--save-every", "1"))
+                          "--save-every", "1"), env=ONE_THREAD)
     return run_dir
 
 
@@ -137,8 +139,8 @@ def test_checkpoints_hold_the_moving_average_of_the_raw_weights(ema_run):
 def test_resume_restores_raw_and_ema_weights_bit_for_bit(ema_run, tiny_sd, tiny_clip, prompt_file, tmp_path):
     run_dir = tmp_path / "resumed"
     args = common_args(tiny_sd, tiny_clip, prompt_file, run_dir, "--ema-decay", str(DECAY), "--save-every", "2")
-    run_train(args + ["--steps", "2"])
-    result = run_train(args + ["--steps", "4"])
+    run_train(args + ["--steps", "2"], env=ONE_THREAD)
+    result = run_train(args + ["--steps", "4"], env=ONE_THREAD)
     assert "resuming from" in result.stdout and "step 2)" in result.stdout
     for resumed, straight in zip(raw_and_ema(run_dir, 4), raw_and_ema(ema_run, 4)):
         assert_identical(resumed, straight)
@@ -174,7 +176,8 @@ def test_generate_draws_the_ema_by_default_and_the_raw_weights_when_asked(ema_ru
     grids = {}
     for name, extra in (("default", [checkpoint]), ("raw", [checkpoint, "--raw-weights"]), ("ema_only", [ema_only])):
         out = tmp_path / f"{name}.png"
-        generate.main(tyro.cli(generate.GenerateConfig, args=[*flags, "--out", str(out), "--checkpoint", *map(str, extra)]))
+        args = [*flags, "--out", str(out), "--checkpoint", *map(str, extra)]
+        generate.main(tyro.cli(generate.GenerateConfig, args=args))
         grids[name] = Image.open(out).convert("RGB").tobytes()
     stdout = capfd.readouterr().out
     assert stdout.count("loaded the EMA weights (ema/)") == 1  # the default run only

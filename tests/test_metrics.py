@@ -21,6 +21,7 @@ from PIL import Image
 from transformers import CLIPImageProcessor, CLIPModel
 
 import anneal
+import evaluation
 import generation
 import metrics
 import rewards
@@ -193,7 +194,7 @@ def test_every_reward_metric_is_that_reward_averaged_over_a_prompts_images(annea
     paths, hps_arch = sources
     for name in names:
         reward = rewards.load_reward(name, {name: paths[name]}, hps_arch=hps_arch)
-        scale = metrics.METRICS[name].scale  # hpsv2 and hpsv21 are written as 100 x the reward
+        scale = evaluation.METRICS[name].scale  # hpsv2 and hpsv21 are written as 100 x the reward
         for row in rows:
             images = folder_images(folder, row["prompt_index"])
             with torch.no_grad():
@@ -241,14 +242,14 @@ def test_diversity_is_the_mean_pairwise_cosine_distance_of_real_embeddings(annea
         [folder_images(anneal_folder / w, p) for w in ("base", "draft") for p in range(3)]))
     pairs = [(i, j) for i in range(len(embeddings)) for j in range(i + 1, len(embeddings))]
     by_pairs = sum(1 - F.cosine_similarity(embeddings[i], embeddings[j], dim=0).item() for i, j in pairs) / len(pairs)
-    diversity = metrics.mean_pairwise_cosine_distance(embeddings)
+    diversity = evaluation.mean_pairwise_cosine_distance(embeddings)
     assert diversity == pytest.approx(by_pairs, rel=1e-4)  # float32 sums in another order
     # For unit vectors ||a - b||^2 = 2 (1 - cos): the squared-distance form gives the same number.
     squared = torch.pdist(F.normalize(embeddings.double(), dim=-1)).pow(2).mean().item() / 2
     assert diversity == pytest.approx(squared, rel=1e-9)
     assert diversity > 1e-3
-    assert metrics.mean_pairwise_cosine_distance(embeddings[:1].repeat(3, 1)) == pytest.approx(0, abs=1e-12)
-    assert metrics.mean_pairwise_cosine_distance(embeddings * 7.0) == pytest.approx(diversity, rel=1e-6)
+    assert evaluation.mean_pairwise_cosine_distance(embeddings[:1].repeat(3, 1)) == pytest.approx(0, abs=1e-12)
+    assert evaluation.mean_pairwise_cosine_distance(embeddings * 7.0) == pytest.approx(diversity, rel=1e-6)
 
 
 def fdfo_dreamsim_diversity(embeddings: torch.Tensor) -> float:
@@ -268,8 +269,8 @@ def test_diversity_per_prompt_then_averaged_over_prompts(anneal_folder, sources,
     """A diversity metric on unit tiny-CLIP embeddings goes through the very path of dreamsim_diversity
     and comes out as FDFO computes it from the raw embeddings, with DreamSim's own 1 - cos kept as raw."""
     clip = sources[0]["clip_l14"]
-    spec = metrics.METRICS["dreamsim_diversity"]
-    monkeypatch.setitem(metrics.METRICS, "clip_diversity", dataclasses.replace(
+    spec = evaluation.METRICS["dreamsim_diversity"]
+    monkeypatch.setitem(evaluation.METRICS, "clip_diversity", dataclasses.replace(
         spec, load=lambda setup: lambda images, prompts: unit_clip_embeddings(clip, images.cpu())))
     scored = score_folder(anneal_folder, ["clip_diversity"], sources, tmp_path / "diversity.json", batch_size=3)
     for weighing in ("base", "draft"):
@@ -279,14 +280,14 @@ def test_diversity_per_prompt_then_averaged_over_prompts(anneal_folder, sources,
         assert [row["clip_diversity"] for row in result["per_prompt"]] == pytest.approx(expected, rel=1e-5)
         summary = result["metrics"]["clip_diversity"]
         assert summary["mean"] == pytest.approx(statistics.mean(expected), rel=1e-5)
-        cosine_distances = [metrics.mean_pairwise_cosine_distance(e) for e in embeddings]
+        cosine_distances = [evaluation.mean_pairwise_cosine_distance(e) for e in embeddings]
         assert summary["raw"]["mean"] == pytest.approx(statistics.mean(cosine_distances), rel=1e-5)
     assert "2 (1 - cos)" in scored["statistics"]["conventions"]["clip_diversity"]["convention"]
 
 
 @pytest.mark.parametrize("df, quantile", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (29, 2.0452), (1000, 1.9623)])
 def test_confidence_interval_uses_student_t_quantiles(df, quantile):
-    assert metrics.student_t_975(df) == pytest.approx(quantile, abs=2e-4)  # printed t tables
+    assert evaluation.student_t_975(df) == pytest.approx(quantile, abs=2e-4)  # printed t tables
 
 
 def test_dreamsim_loads_until_its_weights_are_needed(anneal_folder, sources, tmp_path, monkeypatch, capsys):
@@ -355,7 +356,7 @@ def test_bad_input_on_the_command_line_has_no_traceback(tmp_path):
     out = tmp_path / "out" / "m.json"
     result = run_metrics(["--metrics", "pickscore,nope", "--out", str(out)])
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: unknown metric 'nope'; valid: {', '.join(metrics.METRICS)}"]
+    assert result.stderr.strip().splitlines() == [f"error: --metrics: unknown metric 'nope'; valid: {', '.join(evaluation.METRICS)}"]
     assert not out.parent.exists()
 
 
@@ -376,7 +377,7 @@ def test_bf16_generation_is_scored_in_fp32(checkpoint, sources, prompt_file, tmp
     texts = dict(enumerate(PROMPTS))
     jobs = [(p, r) for p in range(3) for r in range(2)]
     with torch.no_grad():  # in metrics.py's batches of 3: bf16 sums depend on the batch
-        images = torch.cat([metrics.as_saved(generation.render_jobs(model, texts, jobs[i : i + 3], settings, seed=0,
+        images = torch.cat([evaluation.as_saved(generation.render_jobs(model, texts, jobs[i : i + 3], settings, seed=0,
                                                                     weighing="draft")) for i in (0, 3)])
         expected = reward(images, [texts[p] for p, _ in jobs]).view(3, 2).double().mean(1)
     assert [row["pickscore"] for row in rows] == pytest.approx(expected.tolist(), abs=1e-5)
