@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 import tyro
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file
@@ -61,10 +61,11 @@ def test_update_is_the_hand_computed_average_of_a_toy_parameter():
     assert torch.equal(ema[0], param.detach())  # decay 0: the weights themselves, exactly
 
 
-def build_trainer(tiny_sd, tiny_clip, prompt_file, tmp_path, decay: float) -> training.Trainer:
-    cfg = training.TrainConfig(model=tiny_sd, reward_source=[f"pickscore={tiny_clip}"], prompts=prompt_file,
-                               inference_steps=6, guidance_scale=3.0, lora_rank=4, lora_alpha=8, lr=3e-3,
-                               resolution=32, ema_decay=decay, val_prompts=1, run_dir=str(tmp_path))
+def build_trainer(tiny_sd, tiny_clip, prompt_file, tmp_path, decay: float, **flags) -> training.Trainer:
+    settings = dict(model=tiny_sd, reward_source=[f"pickscore={tiny_clip}"], prompts=prompt_file, inference_steps=6,
+                    guidance_scale=3.0, lora_rank=4, lora_alpha=8, lr=3e-3, resolution=32, ema_decay=decay,
+                    val_prompts=1, run_dir=str(tmp_path))
+    cfg = training.TrainConfig(**{**settings, **flags})
     torch.manual_seed(0)
     return training.build(cfg, utils.init_distributed("cpu"))
 
@@ -113,6 +114,22 @@ def test_swapped_in_for_validation_restored_exactly_and_still_on_a_skipped_step(
     ema = [e.clone() for e in trainer.ema]
     assert trainer.step(2)["skipped"]
     assert all(torch.equal(a, b) for a, b in zip(trainer.ema, ema))
+
+
+def test_full_finetune_saves_the_ema_as_a_stock_unet_folder_and_restores_it_exactly(tiny_sd, tiny_clip,
+                                                                                     prompt_file, tmp_path):
+    trainer = build_trainer(tiny_sd, tiny_clip, prompt_file, tmp_path, 0.5, full_finetune=True, lr=1e-3)
+    trainer.step(0)
+    folder = training.save_checkpoint(trainer, 1, export=False)
+    stock = UNet2DConditionModel.from_pretrained(os.path.join(folder, models.EMA_DIR, models.FULL_UNET_DIR))
+    names = [name for name, param in trainer.model.unet.named_parameters() if param.requires_grad]
+    assert all(torch.equal(stock.state_dict()[name], e) for name, e in zip(names, trainer.ema))
+    assert any(not torch.equal(e, w) for e, w in zip(trainer.ema, weights(trainer)))
+
+    resumed = build_trainer(tiny_sd, tiny_clip, prompt_file, tmp_path, 0.5, full_finetune=True, lr=1e-3)
+    assert training.restore_checkpoint(resumed, folder) == 1
+    assert all(torch.equal(a, b) for a, b in zip(resumed.ema, trainer.ema))
+    assert all(torch.equal(a, b) for a, b in zip(weights(resumed), weights(trainer)))
 
 
 @pytest.fixture(scope="module")
