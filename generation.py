@@ -54,6 +54,7 @@ class InferenceOptions(SamplerOptions, TextEncoderOptions, DeviceOption):
     model: str | None = None  # base pipeline (hub id or folder); default: the one the checkpoint records, else SD 1.5
     # alpha of LoRA state dicts saved with torch.save (RTDMD's .pt), which do not record it (scale = alpha / rank)
     lora_alpha: float = models.RTDMD_LORA_ALPHA
+    raw_weights: bool = False  # with a checkpoint holding EMA weights (ema/), use the raw ones instead
     seed: int = 0  # the noise of image (prompt p, repeat r) comes from (seed, p, r) alone, on any number of GPUs
     batch_size: int = 4  # images per denoiser call per process
     # diffusion weights and latents; auto = bfloat16 on GPU, float32 on CPU (scores are always computed in float32)
@@ -211,7 +212,8 @@ def inference_dtype(choice: str, device: torch.device) -> torch.dtype:
 
 def load_for_inference(cfg: InferenceOptions, checkpoints: tuple[str, ...], device: torch.device):
     """The base pipeline (--model, else the one the first checkpoint that records one names, or SD
-    1.5 without a checkpoint) with the checkpoints' tuned weights on top, applied in order. Returns
+    1.5 without a checkpoint) with the checkpoints' tuned weights (their EMA where they hold one,
+    unless --raw-weights) on top, applied in order. Returns
     the model and `cfg` resolved for it: the model's name, its family's defaults, the resolution."""
     recorded = next((name for name in map(models.model_name, checkpoints) if name), None)
     name = cfg.model or recorded or (None if checkpoints else models.DEFAULT_MODEL)
@@ -219,7 +221,10 @@ def load_for_inference(cfg: InferenceOptions, checkpoints: tuple[str, ...], devi
         raise UsageError(f"checkpoint {checkpoints[0]!r} does not record its base model; name it with --model")
     cfg = with_family_defaults(cfg, models.detect_family(name))
     model = models.load_model(name, device, inference_dtype(cfg.dtype, device), cfg.scheduler, text_encoding(cfg))
-    models.load_checkpoints_for_inference(model, checkpoints, cfg.lora_alpha)
+    models.load_checkpoints_for_inference(model, checkpoints, cfg.lora_alpha, cfg.raw_weights)
+    if not cfg.raw_weights and any(map(models.ema_folder, checkpoints)):
+        utils.print0("loaded the EMA weights (ema/) of the checkpoints that hold them; --raw-weights loads "
+                     "the raw ones")
     return model, replace(cfg, model=name, resolution=checked_resolution(model, cfg.resolution))
 
 

@@ -66,7 +66,7 @@ PROMPT_FILE = re.compile(r"prompt_(\d+)\.txt")
 # Settings of generation: an --images run records none of them, as none of them shaped its images.
 GENERATION_FIELDS = ("checkpoint", "model", "weighing", "prompt_set", "num_repeats", "seed", "inference_steps",
                      "guidance_scale", "eta", "scheduler", "sigmas", "resolution", "max_sequence_length", "no_t5",
-                     "offload_text_encoders", "lora_alpha")
+                     "offload_text_encoders", "lora_alpha", "raw_weights")
 
 
 @dataclass(kw_only=True)
@@ -155,7 +155,7 @@ def generated_image_sets(cfg: MetricsConfig) -> list[ImageSet]:
 def folder_image_sets(cfg: MetricsConfig) -> list[ImageSet]:
     """The folder itself if it holds images, else each of its subfolders that does (anneal.py's weighings)."""
     preset = PRESETS.get(cfg.preset, {})  # a preset's generation settings do not apply to existing images
-    given = [utils.flag(name) for name in ("checkpoint", "model", "weighing")
+    given = [utils.flag(name) for name in ("checkpoint", "model", "weighing", "raw_weights")
              if getattr(cfg, name) and getattr(cfg, name) != preset.get(name)]
     if given:
         raise UsageError(f"--images scores existing images, so {given[0]} has no use; drop one of the two")

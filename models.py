@@ -37,6 +37,7 @@ FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"
 DENOISERS = {"sd": "unet", "sdxl": "unet", "sd3": "transformer"}
 FULL_UNET_DIR = DENOISERS["sd"]
 SHARDED_DIR = "sharded"  # a --fsdp checkpoint's torch.distributed.checkpoint of the denoiser and optimizer
+EMA_DIR = "ema"  # a --ema-decay checkpoint's moving average of the tuned weights, in the formats of the raw ones
 FLOW_FAMILIES = {"sd3"}  # the network predicts a velocity; the scheduler is flow matching
 # Keyword arguments of from_pretrained that only some pipeline classes accept (others would warn).
 LOAD_KWARGS = {"sd": {"safety_checker": None, "requires_safety_checker": False}, "sdxl": {}, "sd3": {}}
@@ -531,17 +532,25 @@ def load_tuned_into_training(model: DiffusionModel, folder: str) -> None:
         model.denoiser.load_state_dict(tuned.state_dict())
 
 
-def load_checkpoints_for_inference(model: DiffusionModel, checkpoints, lora_alpha: float = RTDMD_LORA_ALPHA) -> None:
+def ema_folder(checkpoint: str) -> str | None:
+    """The EMA weights' folder of a checkpoint trained with --ema-decay; None for any other."""
+    folder = os.path.join(checkpoint, EMA_DIR)
+    return folder if os.path.isdir(folder) else None
+
+
+def load_checkpoints_for_inference(model: DiffusionModel, checkpoints, lora_alpha: float = RTDMD_LORA_ALPHA,
+                                   raw_weights: bool = False) -> None:
     """Make `model` the tuned model of `checkpoints` applied in order, keeping the pretrained one as
     its base: a full fine-tune replaces the denoiser, and LoRAs stack on it (their deltas add, as
-    RTDMD merges its cold-start and RL adapters one after the other)."""
+    RTDMD merges its cold-start and RL adapters one after the other). A checkpoint holding EMA
+    weights gives those, unless `raw_weights`."""
     adapters = []
     for index, checkpoint in enumerate(checkpoints):
         if index and os.path.isdir(os.path.join(checkpoint, model.denoiser_name)):
             raise UsageError(f"checkpoint {checkpoint!r} is a full fine-tune: give it first, and the LoRAs "
                              "that apply on top of it after it")
         adapter = f"tuned_{index}"
-        load_checkpoint_for_inference(model, checkpoint, adapter, lora_alpha)
+        load_checkpoint_for_inference(model, checkpoint, adapter, lora_alpha, raw_weights)
         if adapter in getattr(model.denoiser, "peft_config", {}):
             adapters.append(adapter)
     if adapters:
@@ -550,11 +559,12 @@ def load_checkpoints_for_inference(model: DiffusionModel, checkpoints, lora_alph
 
 
 def load_checkpoint_for_inference(model: DiffusionModel, checkpoint: str, adapter_name: str = "tuned",
-                                  lora_alpha: float = RTDMD_LORA_ALPHA) -> None:
+                                  lora_alpha: float = RTDMD_LORA_ALPHA, raw_weights: bool = False) -> None:
     """Make `model` the tuned model of `checkpoint`, keeping the pretrained one as its base.
 
-    `checkpoint` is one of ours (a LoRA or a full fine-tune), a PEFT adapter folder (FDFO's), or a
-    file holding a torch.save'd LoRA state dict (RTDMD's, whose `lora_alpha` it does not record).
+    `checkpoint` is one of ours (a LoRA or a full fine-tune, whose EMA weights are taken where it
+    has them, unless `raw_weights`), a PEFT adapter folder (FDFO's), or a file holding a
+    torch.save'd LoRA state dict (RTDMD's, whose `lora_alpha` it does not record).
     Weights made for another base model are refused in one line: diffusers would only warn about
     LoRA layers the model lacks, RTDMD's loader skips them, and a full network of another shape
     would load on its own.
@@ -562,8 +572,9 @@ def load_checkpoint_for_inference(model: DiffusionModel, checkpoint: str, adapte
     from peft.utils import get_peft_model_state_dict
 
     trained_from = model_name(checkpoint)
-    lora_file = os.path.join(checkpoint, LORA_FILE)
-    full_dir = os.path.join(checkpoint, model.denoiser_name)
+    weights = (None if raw_weights else ema_folder(checkpoint)) or checkpoint
+    lora_file = os.path.join(weights, LORA_FILE)
+    full_dir = os.path.join(weights, model.denoiser_name)
     peft_folder = os.path.isfile(os.path.join(checkpoint, PEFT_CONFIG))
     if not (os.path.isfile(checkpoint) or peft_folder or os.path.isfile(lora_file) or os.path.isdir(full_dir)):
         sharded = (": it is a sharded --fsdp checkpoint; the final one, and one every --export-every steps, "
@@ -582,8 +593,8 @@ def load_checkpoint_for_inference(model: DiffusionModel, checkpoint: str, adapte
             elif peft_folder:
                 problem = _load_peft_adapter(model, checkpoint, adapter_name)
             elif os.path.isfile(lora_file):
-                wanted = _denoiser_lora_state(model, checkpoint)
-                model.pipe.load_lora_weights(checkpoint, adapter_name=adapter_name)
+                wanted = _denoiser_lora_state(model, weights)
+                model.pipe.load_lora_weights(weights, adapter_name=adapter_name)
                 unmatched = set(wanted) - set(get_peft_model_state_dict(model.denoiser, adapter_name=adapter_name))
                 if unmatched:
                     example = min(unmatched)

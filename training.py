@@ -1,6 +1,7 @@
 """DRaFT+ training: the config, the data order, one optimizer step, checkpoints and resume, and the
 loop that train.py runs (bench.py builds its trainers from here too)."""
 
+import contextlib
 import hashlib
 import json
 import math
@@ -46,6 +47,10 @@ class TrainConfig(SamplerOptions, TextEncoderOptions, DeviceOption, RewardSource
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 0  # linear learning-rate warm-up steps
     max_grad_norm: float = 1.0  # gradient clipping threshold (global L2 norm)
+    # keep an exponential moving average of the trainable weights with this decay, e.g. 0.999 (off by default);
+    # updated after each optimizer step, saved beside the raw weights (ema/), used for validation and by
+    # --checkpoint consumers
+    ema_decay: float | None = None
     steps: int = 1000  # optimizer steps in total
     lora_rank: int | None = None  # LoRA rank on the attention projections; default 32
     lora_alpha: float | None = None  # LoRA alpha (scale = alpha / rank); default 32 (SD, SDXL), 64 (SD3, as FDFO and RTDMD)
@@ -109,6 +114,11 @@ def validate(cfg: TrainConfig) -> None:
         # Sharded networks gather their weights in every call, so all processes must make the same calls;
         # K drawn per trajectory gives them different numbers of KL calls.
         raise UsageError("--fsdp and --truncation-range exclude each other: use a fixed --truncation-steps")
+    if cfg.ema_decay is not None and not 0 <= cfg.ema_decay < 1:
+        raise UsageError(f"--ema-decay must be in [0, 1), e.g. 0.999, got {cfg.ema_decay}")
+    if cfg.fsdp and cfg.ema_decay is not None:
+        raise UsageError("--ema-decay is not supported with --fsdp yet (the average would need sharding and "
+                         "export of its own); train without it, or without --fsdp")
     if cfg.fsdp and cfg.mixed_precision == "fp16":
         raise UsageError("--fsdp trains in bf16 or fp32 (--mixed-precision bf16, auto or no); fp16 is not supported")
     rewards.parse_reward_spec(cfg.reward)
@@ -221,6 +231,8 @@ class Trainer:
     stream: PromptStream
     amp: torch.dtype | None
     sharded: bool = False  # the UNet and its base copy are FSDP-sharded over the processes
+    # --ema-decay: the moving average of the trainable weights, one fp32 tensor per parameter, in their order
+    ema: list[torch.Tensor] | None = None
     val_scorers: dict = field(default_factory=dict)  # --val-metrics by name, on the processes that measure them
 
     @property
@@ -291,6 +303,8 @@ class Trainer:
         if applied:
             self.scaler.step(self.optimizer)
             self.model.lora_changed()
+            if self.ema is not None:
+                update_ema(self.ema, params, self.cfg.ema_decay)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         bad = not math.isfinite(loss_value) or (not applied and (scale is None or scale < LOSS_SCALE_FLOOR))
@@ -316,13 +330,33 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr * scale
 
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The model holds the EMA weights inside, its raw ones again after, bit for bit: each parameter
+        trades tensors with its average, so nothing is copied (and `self.ema` holds the raw ones meanwhile)."""
+        self._swap_ema()
+        try:
+            yield
+        finally:
+            self._swap_ema()
+
+    def _swap_ema(self) -> None:
+        for index, param in enumerate(models.trainable_parameters(self.model)):
+            param.data, self.ema[index] = self.ema[index], param.data
+        self.model.lora_changed()
+
+    def validation_weights(self):
+        """The weights validation shows (the grid, --val-metrics): the EMA when there is one."""
+        return self.ema_weights() if self.ema is not None else contextlib.nullcontext()
+
     @torch.no_grad()
     def validation_grid(self, step: int, val_prompts: list[str]):
         """Base and tuned side by side on the same noise, each captioned with its reward; rank 0 writes it."""
         seeds = [utils.derive_seed(self.cfg.seed, 3, i) for i in range(len(val_prompts))]
         with self.autocast():
             base_images, _ = self.rollout(val_prompts, seeds, 0, base_only=True)
-            tuned_images, _ = self.rollout(val_prompts, seeds, 0)
+            with self.validation_weights():
+                tuned_images, _ = self.rollout(val_prompts, seeds, 0)
             base_scores = self.reward(base_images, val_prompts).float()
             tuned_scores = self.reward(tuned_images, val_prompts).float()
         rows = [list(pair) for pair in zip(utils.to_pil(base_images), utils.to_pil(tuned_images))]
@@ -335,7 +369,6 @@ class Trainer:
             path = os.path.join(folder, f"step-{step:07d}.png")
             utils.write_atomic_file(path, lambda tmp: grid.save(tmp, format="PNG"))
         return {"val_reward_base": base_scores.mean().item(), "val_reward_tuned": tuned_scores.mean().item()}
-
 
     @torch.no_grad()
     def validation_metrics(self) -> dict:
@@ -351,11 +384,21 @@ class Trainer:
             return evaluation.rendered_as_saved(self.model, one_set, batch, settings, cfg.val_metrics_seed)
 
         alone = utils.Dist(0, 1, 0, self.dist.device)  # each validating process measures every prompt
-        with self.autocast():
+        with self.autocast(), self.validation_weights():
             records = evaluation.score_share([image_set], self.val_scorers, images_of, cfg.batch_size, alone,
                                              show_bar=False)
         results = evaluation.summarize([image_set], list(self.val_scorers), records)["draft"]["metrics"]
         return {f"val/{name}": summary["mean"] for name, summary in results.items()}
+
+
+def new_ema(params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """The average before any step: the weights themselves (fp32, as the trainable weights are)."""
+    return [param.detach().float().clone() for param in params]
+
+
+def update_ema(ema: list[torch.Tensor], params: list[torch.nn.Parameter], decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * param, for each pair, in place."""
+    torch.optim.swa_utils.get_ema_multi_avg_fn(decay)(ema, [param.detach() for param in params], None)
 
 
 def full_value(norm: torch.Tensor) -> float:
@@ -416,6 +459,9 @@ def save_checkpoint(trainer: Trainer, step: int, export: bool) -> str:
         fingerprints = utils.gather_objects(weights_fingerprint(trainer.model))
         if trainer.dist.is_main:
             models.save_tuned(trainer.model, tmp)
+            if trainer.ema is not None:  # in the same formats, so stock loaders read it as they read the raw ones
+                with trainer.ema_weights():
+                    models.save_tuned(trainer.model, os.path.join(tmp, models.EMA_DIR))
     if trainer.dist.is_main:
         optimizer = {} if cfg.fsdp else {"optimizer": trainer.optimizer.state_dict()}
         torch.save({**optimizer, "scaler": trainer.scaler.state_dict(), "rng": torch.get_rng_state()},
@@ -482,6 +528,9 @@ def restore_checkpoint(trainer: Trainer, folder: str) -> int:
             restore_sharded(trainer, folder)
         else:
             models.load_tuned_into_training(trainer.model, folder)
+            if trainer.ema is not None:  # loaded into the parameters while they hold the average: fp32, exact
+                with trainer.ema_weights():
+                    models.load_tuned_into_training(trainer.model, os.path.join(folder, models.EMA_DIR))
             trainer.optimizer.load_state_dict(state["optimizer"])
         trainer.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
@@ -570,10 +619,12 @@ def build(cfg: TrainConfig, dist: utils.Dist) -> Trainer:
         shard(model, amp)
     reward = rewards.load_reward(cfg.reward, rewards.parse_reward_sources(cfg.reward_source), dtype=weights_dtype,
                                  device=dist.device, gradient_checkpointing=cfg.gradient_checkpointing)
-    optimizer = torch.optim.AdamW(models.trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = models.trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp == torch.float16)
     stream = PromptStream(prompt_sets.load_prompts(cfg.prompts), cfg.seed)
-    trainer = Trainer(cfg, dist, model, reward, optimizer, scaler, stream, amp, sharded)
+    ema = new_ema(params) if cfg.ema_decay is not None else None
+    trainer = Trainer(cfg, dist, model, reward, optimizer, scaler, stream, amp, sharded, ema)
     if cfg.val_metrics and trainer.validates:
         setup = evaluation.MetricSetup(dist.device, rewards.parse_reward_sources(cfg.reward_source),
                                        dreamsim_cache="~/.cache/dreamsim")
