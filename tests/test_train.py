@@ -397,13 +397,14 @@ def test_k_above_one_without_checkpointing_warns_of_the_memory():
         assert "K up to 10 without --gradient-checkpointing" in training.memory_warning(cfg)
 
 
-def test_val_metrics_are_metrics_py_values_for_the_same_prompts_seeds_and_checkpoint(tiny_sd, tiny_clip, prompt_file,
-                                                                                      tmp_path):
+def test_val_metrics_are_metrics_py_values_for_the_same_prompts_seeds_and_ema_checkpoint(tiny_sd, tiny_clip,
+                                                                                          prompt_file, tmp_path):
     run_dir = tmp_path / "run"
     val = ["--val-metrics", "pickscore", "gold_diversity", "--val-metrics-prompts", prompt_file,
            "--val-metrics-num-prompts", "2", "--val-metrics-repeats", "2", "--val-metrics-seed", "7"]
+    # with an EMA, which both draw: training swaps it in, metrics.py loads a checkpoint's ema/ by default
     run_train(common_args(tiny_sd, tiny_clip, prompt_file, run_dir, "--steps", "2", "--save-every", "1", *val,
-                          "--val-every", "1"))
+                          "--val-every", "1", "--ema-decay", "0.5"))
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [sorted(k for k in r if k.startswith("val/")) for r in records] == [["val/gold_diversity", "val/pickscore"]] * 2
     assert records[0]["val/pickscore"] != records[1]["val/pickscore"]  # measured at each step, of its weights
