@@ -6,10 +6,11 @@
 
 Prints, for a tiny SD, a tiny SDXL and a tiny SD3.5 model:
   (a) time of one DRaFT+ step (KL on) / time of the stock diffusers pipeline sampling the same batch
-      (CFG, batch 2, decoded) at (N, K) = (50, 1), (10, 1), (50, 10) and (50, 10) with gradient
-      checkpointing, with the merged-LoRA no-grad path and without it;
+      (CFG, batch 2, decoded) at (N, K) = (50, 1), (10, 1), (50, 10), and (50, 10) with gradient
+      checkpointing per step and per step and block, with the merged-LoRA no-grad path and without it;
   (b) peak memory of a K=1 step at N=50 / at N=10;
-  (c) peak memory of a K=10 step with and without gradient checkpointing / of a K=1 step;
+  (c) peak memory of a K=10 step with and without gradient checkpointing (per step, and per step with
+      the denoiser's blocks too) / of a K=1 step;
 and where a step's time goes, in units of one no-grad call of the UNet (SD3: transformer); then (with SD
 among --families) a 2-process full fine-tune of a wider tiny SD UNet through train.py with and without
 --fsdp: step time and peak memory growth per rank.
@@ -48,15 +49,17 @@ class BenchConfig:
 PROMPTS = ["a red circle", "a green square"]
 
 
-def make_trainer(bench: BenchConfig, model: str, clip: str, steps: int, truncation: int, checkpointing: bool,
+def make_trainer(bench: BenchConfig, model: str, clip: str, steps: int, truncation: int, checkpointing: str,
                  merged: bool = True):
+    """`checkpointing`: "" none, "steps" --gradient-checkpointing, "blocks" that and --checkpoint-blocks."""
     import training
     import utils
 
     cfg = training.TrainConfig(
         model=model, reward_source=[f"pickscore={clip}"], inference_steps=steps, truncation_steps=truncation,
         guidance_scale=bench.guidance_scale, batch_size=bench.batch_size, resolution=bench.resolution,
-        lora_rank=bench.lora_rank, lora_alpha=bench.lora_rank, kl_coeff=0.1, gradient_checkpointing=checkpointing,
+        lora_rank=bench.lora_rank, lora_alpha=bench.lora_rank, kl_coeff=0.1,
+        gradient_checkpointing=bool(checkpointing), checkpoint_blocks=checkpointing == "blocks",
         run_dir=os.path.join(tempfile.gettempdir(), "bench-unused"), device="cpu",
     )
     trainer = training.build(cfg, utils.init_distributed("cpu"))
@@ -94,7 +97,7 @@ def interleaved(callables: list, repeats: int) -> Timing:
     return Timing(seconds, ratios)
 
 
-def time_ratio(bench: BenchConfig, model: str, clip: str, steps: int, truncation: int, checkpointing: bool) -> Timing:
+def time_ratio(bench: BenchConfig, model: str, clip: str, steps: int, truncation: int, checkpointing: str) -> Timing:
     """A training step with the merged path, without it, and the stock pipeline sampling the same batch."""
     import models
     from utils import generators
@@ -129,7 +132,7 @@ def time_parts(bench: BenchConfig, model: str, clip: str) -> tuple[float, dict[s
     layers), and the other parts of a step in units of that call."""
     import models
 
-    trainer = make_trainer(bench, model, clip, steps=10, truncation=1, checkpointing=False)
+    trainer = make_trainer(bench, model, clip, steps=10, truncation=1, checkpointing="")
     model_, prompts = trainer.model, PROMPTS[: bench.batch_size]
     conditioning = models.encode_prompts(model_, prompts, True, bench.resolution)
     latents = torch.randn(model_.latent_shape(bench.batch_size, bench.resolution))
@@ -185,8 +188,10 @@ def peak_growth_mb(bench, model, clip, steps, truncation, checkpointing) -> floa
     return queue.get()
 
 
-# (N, K, gradient checkpointing): the configurations of the reference comparison
-STEP_CONFIGS = [(50, 1, False), (10, 1, False), (50, 10, False), (50, 10, True)]
+# (N, K, gradient checkpointing): the configurations of the reference comparison, and K=10 with the
+# denoiser's blocks checkpointed too
+STEP_CONFIGS = [(50, 1, ""), (10, 1, ""), (50, 10, ""), (50, 10, "steps"), (50, 10, "blocks")]
+CHECKPOINTING_NAMES = {"": "", "steps": " checkpointed", "blocks": " checkpointed with blocks"}
 
 
 def report(bench: BenchConfig, family: str, model: str, clip: str) -> None:
@@ -195,19 +200,20 @@ def report(bench: BenchConfig, family: str, model: str, clip: str) -> None:
           f"{bench.repeats} interleaved rounds", flush=True)
     for steps, truncation, checkpointing in STEP_CONFIGS:
         timing = time_ratio(bench, model, clip, steps, truncation, checkpointing)
-        name = f"N={steps} K={truncation}" + (" checkpointed" if checkpointing else "")
+        name = f"N={steps} K={truncation}" + CHECKPOINTING_NAMES[checkpointing]
         print(f"(a) {name}: step / pipeline = {timing.ratio(0)} merged, {timing.ratio(1)} unmerged "
               f"({timing.seconds[0]:.3f}s, {timing.seconds[1]:.3f}s / {timing.seconds[2]:.3f}s)", flush=True)
     unet_s, parts = time_parts(bench, model, clip)
     print(f"parts, in no-grad UNet calls with CFG ({unet_s * 1000:.1f} ms): "
           + ", ".join(f"{name} {units}" for name, units in parts.items()), flush=True)
     growth = {config: peak_growth_mb(bench, model, clip, *config) for config in STEP_CONFIGS}
-    k1_n50, k1_n10 = growth[50, 1, False], growth[10, 1, False]
-    k10, k10_ckpt = growth[50, 10, False], growth[50, 10, True]
+    k1_n50, k1_n10 = growth[50, 1, ""], growth[10, 1, ""]
+    k10, k10_steps, k10_blocks = growth[50, 10, ""], growth[50, 10, "steps"], growth[50, 10, "blocks"]
     print(f"(b) peak memory growth K=1: N=50 {k1_n50:.1f} MB / N=10 {k1_n10:.1f} MB = {k1_n50 / k1_n10:.3f}",
           flush=True)
-    print(f"(c) peak memory growth N=50 K=10 checkpointed {k10_ckpt:.1f} MB / K=1 {k1_n50:.1f} MB = "
-          f"{k10_ckpt / k1_n50:.3f}; without checkpointing {k10:.1f} MB = {k10 / k1_n50:.3f}", flush=True)
+    print(f"(c) peak memory growth N=50 K=10 checkpointed {k10_steps:.1f} MB / K=1 {k1_n50:.1f} MB = "
+          f"{k10_steps / k1_n50:.3f}; with blocks {k10_blocks:.1f} MB = {k10_blocks / k1_n50:.3f}; "
+          f"without checkpointing {k10:.1f} MB = {k10 / k1_n50:.3f}", flush=True)
 
 
 def sharded_training(bench: BenchConfig, model: str, clip: str, folder: str, fsdp: bool) -> tuple[float, float]:

@@ -307,31 +307,43 @@ def trainable_parameters(model: DiffusionModel) -> list[torch.nn.Parameter]:
 class LoraLayers:
     """A network's LoRA layers, found once and switched directly. peft's `disable_adapters()` walks every
     module of the network (~49 ms a toggle on an SDXL-sized UNet) and flips requires_grad on every
-    adapter, paid at each KL step and twice per mixed annealing step; flipping the listed layers costs
-    what a plain call costs."""
+    adapter, paid at each KL step and twice per mixed annealing step; and even a disabled LoRA layer
+    costs a dispatch through peft's forward per call. Here each switch puts every listed layer's own
+    base layer in its place in its parent, so the base and merged calls cost what a plain call costs."""
 
     def __init__(self, network: torch.nn.Module):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        self.layers = [module for module in network.modules() if isinstance(module, BaseTunerLayer)]
+        self.places = []  # (parent module, attribute name, LoRA layer)
+        for name, module in network.named_modules():
+            if isinstance(module, BaseTunerLayer):
+                parent, _, attribute = name.rpartition(".")
+                self.places.append((network.get_submodule(parent), attribute, module))
+        self.layers = [layer for _, _, layer in self.places]
         self._merged: list[torch.nn.Parameter] | None = None
 
     def stale(self) -> None:
         self._merged = None
 
     @contextlib.contextmanager
-    def disabled(self):
-        """The network without its adapters: the pretrained model."""
-        states = [layer._disable_adapters for layer in self.layers]
-        for layer in self.layers:
-            layer._disable_adapters = True
+    def _plain(self, weights: list[torch.nn.Parameter] | None = None):
+        """Every LoRA layer replaced by its base layer (holding `weights`, when given, as its weight)."""
+        originals = [layer.base_layer._parameters["weight"] for layer in self.layers]
+        for index, (parent, attribute, layer) in enumerate(self.places):
+            parent._modules[attribute] = layer.base_layer
+            if weights is not None:
+                layer.base_layer._parameters["weight"] = weights[index]
         try:
             yield
         finally:
-            for layer, state in zip(self.layers, states):
-                layer._disable_adapters = state
+            for (parent, attribute, layer), weight in zip(self.places, originals):
+                parent._modules[attribute] = layer
+                layer.base_layer._parameters["weight"] = weight
 
-    @contextlib.contextmanager
+    def disabled(self):
+        """The network without its adapters: the pretrained model."""
+        return self._plain()
+
     def merged(self):
         """The network with W + scale * B @ A in place of each W, exactly the LoRA model, at the cost of a
         plain call. The merged weights live in buffers of their own, made once per change of the LoRA
@@ -339,15 +351,7 @@ class LoraLayers:
         if self._merged is None:
             with torch.no_grad():
                 self._merged = [torch.nn.Parameter(_merged_weight(layer), requires_grad=False) for layer in self.layers]
-        originals = [layer.base_layer._parameters["weight"] for layer in self.layers]
-        with self.disabled():
-            for layer, weight in zip(self.layers, self._merged):
-                layer.base_layer._parameters["weight"] = weight
-            try:
-                yield
-            finally:
-                for layer, weight in zip(self.layers, originals):
-                    layer.base_layer._parameters["weight"] = weight
+        return self._plain(self._merged)
 
 
 def _merged_weight(layer) -> torch.Tensor:

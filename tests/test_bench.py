@@ -19,7 +19,8 @@ def test_bench_prints_every_ratio_for_every_family():
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     assert [line.split()[1] for line in lines if line.startswith("tiny ")] == ["SD", "SDXL", "SD3"]
-    for label in ("(a) N=50 K=1:", "(a) N=10 K=1:", "(a) N=50 K=10:", "(a) N=50 K=10 checkpointed:", "(b)", "(c)"):
+    for label in ("(a) N=50 K=1:", "(a) N=10 K=1:", "(a) N=50 K=10:", "(a) N=50 K=10 checkpointed:",
+                  "(a) N=50 K=10 checkpointed with blocks:", "(b)", "(c)"):
         found = [line for line in lines if line.startswith(label)]
         assert len(found) == 3, (label, lines)
         for line in found:
