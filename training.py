@@ -70,8 +70,8 @@ class TrainConfig(SamplerOptions, TextEncoderOptions, DeviceOption, RewardSource
     save_every: int = 100  # checkpoint every this many steps (and at the end)
     val_every: int = 100  # base-vs-tuned grid of fixed prompts and seeds every this many steps (0: never)
     val_prompts: int = 4  # prompts in the validation grid
-    # metrics of metrics.py (e.g. gold_fidelity clip_l14 hpsv2) to measure every --val-every steps on held-out prompts
-    # and seeds, logged as val/<name> beside the training reward: reward hacking shows as the reward rising while they fall
+    # metrics of metrics.py (e.g. gold_fidelity clip_l14 hpsv2) to measure every --val-every steps (none at 0) on held-out
+    # prompts and seeds, logged as val/<name> beside the training reward: reward hacking shows as it rising while they fall
     val_metrics: tuple[str, ...] = ()
     val_metrics_prompts: str = "eval_small"  # prompt set of --val-metrics (as metrics.py's --prompt-set)
     val_metrics_num_prompts: int = 8  # its prompts used, spread evenly over the set (as metrics.py's --num-prompts)
@@ -123,7 +123,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError("--fsdp trains in bf16 or fp32 (--mixed-precision bf16, auto or no); fp16 is not supported")
     rewards.parse_reward_spec(cfg.reward)
     prompt_sets.load_prompts(cfg.prompts)
-    if cfg.val_metrics:
+    if cfg.val_metrics and cfg.val_every:
         validate_val_metrics(cfg)
 
 
@@ -135,8 +135,6 @@ def validate_val_metrics(cfg: TrainConfig) -> None:
     if cfg.val_metrics_repeats < needs:
         raise UsageError(f"--val-metrics {' '.join(names)}: a diversity compares a prompt's images; use "
                          f"--val-metrics-repeats {needs} or more, got {cfg.val_metrics_repeats}")
-    if not cfg.val_every:
-        raise UsageError("--val-metrics are measured every --val-every steps: set --val-every N (N >= 1)")
     val_metrics_prompts(cfg)
 
 
@@ -625,7 +623,7 @@ def build(cfg: TrainConfig, dist: utils.Dist) -> Trainer:
     stream = PromptStream(prompt_sets.load_prompts(cfg.prompts), cfg.seed)
     ema = new_ema(params) if cfg.ema_decay is not None else None
     trainer = Trainer(cfg, dist, model, reward, optimizer, scaler, stream, amp, sharded, ema)
-    if cfg.val_metrics and trainer.validates:
+    if cfg.val_metrics and cfg.val_every and trainer.validates:
         setup = evaluation.MetricSetup(dist.device, rewards.parse_reward_sources(cfg.reward_source),
                                        dreamsim_cache="~/.cache/dreamsim")
         names = evaluation.checked_metric_names(cfg.val_metrics)
