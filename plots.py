@@ -28,10 +28,17 @@ class Series:
     labelled: bool = True  # write each point's label beside it
 
 
-def _extent(values: list[float]) -> tuple[float, float]:
+def _ticks(values: list[float], count: int = 6) -> list[float]:
+    """Round tick values (1, 2, 2.5 or 5 times a power of ten apart) from at or below the lowest value to at or
+    above the highest; the axis spans them."""
     low, high = min(values), max(values)
-    margin = (high - low) * 0.08 or abs(high) * 0.1 or 1.0
-    return low - margin, high + margin
+    if high == low:
+        low, high = low - (abs(low) * 0.1 or 1.0), high + (abs(high) * 0.1 or 1.0)
+    raw = (high - low) / count  # at most count + 1 ticks
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw * (1 - 1e-9))
+    first, last = math.floor(low / step + 1e-9), math.ceil(high / step - 1e-9)
+    return [round(i * step, 12) for i in range(first, last + 1)]  # 0.3, not 0.30000000000000004
 
 
 def _finite(point: Point) -> bool:
@@ -42,17 +49,17 @@ def chart(series: list[Series], x_label: str, y_label: str, title: str = "", siz
           legend: bool = True) -> Image.Image:
     """One chart; points that are not finite (a metric not logged at a step) are left out."""
     width, height = size
-    left, right, top, bottom = 80, 20, 46 if title else 30, 56
+    left, right, top, bottom = 80, 40, 46 if title else 30, 56
     font = ImageFont.load_default(size=13)
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     points = [p for s in series for p in s.points if _finite(p)]
     if not points:
-        draw.text((width / 2, height / 2), f"{title}: nothing to show yet", fill="black", font=font, anchor="mm")
+        draw.text((width / 2, height / 2), f"{title or y_label}: nothing logged", fill="black", font=font, anchor="mm")
         return image
-    xs = [v for p in points for v in (p.x, *(p.x_interval or ()))]
-    ys = [v for p in points for v in (p.y, *(p.y_interval or ()))]
-    (x_low, x_high), (y_low, y_high) = _extent(xs), _extent(ys)
+    x_ticks = _ticks([v for p in points for v in (p.x, *(p.x_interval or ()))])
+    y_ticks = _ticks([v for p in points for v in (p.y, *(p.y_interval or ()))])
+    (x_low, x_high), (y_low, y_high) = (x_ticks[0], x_ticks[-1]), (y_ticks[0], y_ticks[-1])
 
     def to_x(v: float) -> float:
         return left + (v - x_low) / (x_high - x_low) * (width - left - right)
@@ -61,13 +68,12 @@ def chart(series: list[Series], x_label: str, y_label: str, title: str = "", siz
         return height - bottom - (v - y_low) / (y_high - y_low) * (height - top - bottom)
 
     draw.line([(left, top), (left, height - bottom), (width - right, height - bottom)], fill="black", width=1)
-    for fraction in (0.0, 0.25, 0.5, 0.75, 1.0):
-        x_value = x_low + fraction * (x_high - x_low)
-        y_value = y_low + fraction * (y_high - y_low)
+    for x_value in x_ticks:
         draw.line([(to_x(x_value), height - bottom), (to_x(x_value), height - bottom + 4)], fill="black")
+        draw.text((to_x(x_value), height - bottom + 7), f"{x_value:.4g}", fill="black", font=font, anchor="mt")
+    for y_value in y_ticks:
         draw.line([(left - 4, to_y(y_value)), (left, to_y(y_value))], fill="black")
-        draw.text((to_x(x_value), height - bottom + 7), f"{x_value:.3g}", fill="black", font=font, anchor="mt")
-        draw.text((left - 7, to_y(y_value)), f"{y_value:.3g}", fill="black", font=font, anchor="rm")
+        draw.text((left - 7, to_y(y_value)), f"{y_value:.4g}", fill="black", font=font, anchor="rm")
     draw.text(((left + width - right) / 2, height - 6), x_label, fill="black", font=font, anchor="mb")
     draw.text((left, top - 8), y_label, fill="black", font=font, anchor="lb")
     if title:

@@ -676,12 +676,25 @@ def write_curves(records: list[dict], path: str) -> None:
     utils.write_atomic_file(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
 
+def baseline_val_metrics(trainer: Trainer, log: utils.JsonlLog, run) -> None:
+    """--val-metrics of the model before its first step (the base model), logged as step 0, so that the
+    curves show where each metric started from."""
+    record = {"step": 0, **(trainer.validation_metrics() if trainer.validates else {})}
+    if trainer.dist.is_main:
+        log.write(record)
+        if run is not None:
+            run.log(record, step=0)
+    utils.barrier()
+
+
 def run_steps(trainer: Trainer, start: int, log: utils.JsonlLog, run, val_prompts: list[str]) -> str | None:
     """Steps `start` .. cfg.steps with logging, validation grids and checkpoints; raises Diverged.
     Returns the last checkpoint written."""
     cfg, dist = trainer.cfg, trainer.dist
     bad_streak, saved = 0, None
     memory = utils.MemoryMeter(dist.device)
+    if start == 0 and cfg.val_metrics and cfg.val_every:
+        baseline_val_metrics(trainer, log, run)
     bar = tqdm(total=cfg.steps, initial=start, disable=not dist.is_main, desc="train", dynamic_ncols=True)
     for step in range(start, cfg.steps):
         done = step + 1

@@ -210,7 +210,7 @@ def evaluate(run_dir: str, out) -> dict:
 def final_kl(run_dir: str, last: int = 5) -> float:
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    return sum(record["kl"] for record in records[-last:]) / last
+    return sum(record["kl"] for record in records[-last:]) / last  # the last ones are training steps
 
 
 def test_the_demo_preset_sets_defaults_that_flags_override_and_no_preset_keeps_real_use_defaults():
@@ -234,8 +234,13 @@ def test_training_raises_learned_and_gold_aesthetic_on_held_out_prompts_and_seed
     run_dir, scores = free_run
     assert os.path.isfile(os.path.join(run_dir, "val", f"step-{TRAIN_STEPS:07d}.png"))
     with open(os.path.join(run_dir, "log.jsonl")) as f:
-        rewards_logged = [json.loads(line)["reward_mean"] for line in f]
+        records = [json.loads(line) for line in f]
+    assert records[0].keys() == {"step", "val/gold_aesthetic", "val/gold_fidelity", "val/gold_shape",
+                                 "val/gold_diversity"} and records[0]["step"] == 0  # the base model, before step 1
+    rewards_logged = [record["reward_mean"] for record in records[1:]]
     assert sum(rewards_logged[-4:]) > sum(rewards_logged[:4])
+    # the gold aesthetic the reward stands for rose on held-out prompts, as measured while training
+    assert records[-1]["val/gold_aesthetic"] > records[0]["val/gold_aesthetic"]
     base, tuned = scores["base"], scores["draft"]
     # The head predicts 10 x gold: the base scores about 3.4 on these prompts and seeds.
     assert tuned["aesthetic"] > base["aesthetic"] + 0.5, (base, tuned)

@@ -405,8 +405,9 @@ def test_val_metrics_are_metrics_py_values_for_the_same_prompts_seeds_and_ema_ch
     run_train(common_args(tiny_sd, tiny_clip, prompt_file, run_dir, "--steps", "2", "--save-every", "1", *val,
                           "--val-every", "1", "--ema-decay", "0.5"))
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    assert [sorted(k for k in r if k.startswith("val/")) for r in records] == [["val/gold_diversity", "val/pickscore"]] * 2
-    assert records[0]["val/pickscore"] != records[1]["val/pickscore"]  # measured at each step, of its weights
+    assert [r["step"] for r in records] == [0, 1, 2]  # step 0: the model before training, the base model
+    assert [sorted(k for k in r if k.startswith("val/")) for r in records] == [["val/gold_diversity", "val/pickscore"]] * 3
+    assert len({r["val/pickscore"] for r in records}) == 3  # measured at each step, of its weights
     out = tmp_path / "metrics.json"
     result = subprocess.run(
         [sys.executable, "metrics.py", "--checkpoint", str(run_dir / "checkpoints" / "step-0000002"),
