@@ -11,13 +11,18 @@ Prints, for a tiny SD, a tiny SDXL and a tiny SD3.5 model:
   (b) peak memory of a K=1 step at N=50 / at N=10;
   (c) peak memory of a K=10 step with and without gradient checkpointing (per step, and per step with
       the denoiser's blocks too) / of a K=1 step;
-and where a step's time goes, in units of one no-grad call of the UNet (SD3: transformer); then (with SD
+and where a step's time goes, in units of one no-grad call of the UNet (SD3: transformer);
+  (r) for the tiny SD, with trl 0.23.1 installed (requirements-test.txt has it): the reference trainer,
+      trl's AlignPropTrainer, at the same configurations: its step / pipeline in the same interleaved
+      rounds, ours / its step time, and ours / its peak memory growth;
+then (with SD
 among --families) a 2-process full fine-tune of a wider tiny SD UNet through train.py with and without
 --fsdp: step time and peak memory growth per rank.
 Memory is the growth of the peak resident set above the footprint after the models are loaded,
 each configuration in a fresh process (on a GPU run it would be torch.cuda.max_memory_allocated).
 """
 
+import importlib.util
 import multiprocessing
 import os
 import statistics
@@ -69,16 +74,21 @@ def make_trainer(bench: BenchConfig, model: str, clip: str, steps: int, truncati
 
 @dataclass
 class Timing:
-    seconds: list[float]  # median seconds of each callable
-    ratios: list[float]  # per round, each callable's time over the last one's: median, then min and max
+    rounds: list[list[float]]  # seconds of each callable, per round
 
-    def ratio(self, i: int) -> str:
-        return f"{self.ratios[i][0]:.3f} [{self.ratios[i][1]:.3f}-{self.ratios[i][2]:.3f}]"
+    def seconds(self, i: int) -> float:
+        return statistics.median(r[i] for r in self.rounds)
+
+    def ratio(self, i: int, of: int = -1) -> str:
+        """Callable i's time over callable `of`'s (by default the last, the reference), round by round:
+        the median, then the range."""
+        per_round = [r[i] / r[of] for r in self.rounds]
+        return f"{statistics.median(per_round):.3f} [{min(per_round):.3f}-{max(per_round):.3f}]"
 
 
 def interleaved(callables: list, repeats: int) -> Timing:
     """Run the callables in turn, `repeats` rounds, so that any load on the machine weighs on all alike;
-    each round's ratios to the last callable (the reference) are what is compared."""
+    each round's ratios are what is compared."""
     for fn in callables:
         fn()  # warm-up: first calls pay for lazy initialisation
     rounds = []
@@ -89,20 +99,67 @@ def interleaved(callables: list, repeats: int) -> Timing:
             fn()
             times.append(time.perf_counter() - start)
         rounds.append(times)
-    seconds = [statistics.median(r[i] for r in rounds) for i in range(len(callables))]
-    ratios = []
-    for i in range(len(callables)):
-        per_round = [r[i] / r[-1] for r in rounds]
-        ratios.append((statistics.median(per_round), min(per_round), max(per_round)))
-    return Timing(seconds, ratios)
+    return Timing(rounds)
 
 
-def time_ratio(bench: BenchConfig, model: str, clip: str, steps: int, truncation: int, checkpointing: str) -> Timing:
-    """A training step with the merged path, without it, and the stock pipeline sampling the same batch."""
+def make_reference(bench: BenchConfig, model: str, clip: str, steps: int, truncation: int, checkpointing: str):
+    """One step of the reference trainer, trl 0.23.1's AlignPropTrainer (DRaFT-K / AlignProp), as a callable:
+    the same SD model, prompts, batch, CFG, DDIM with eta 0, fixed truncation K and reward (its
+    checkpointing as ours), with trl's own LoRA (rank 4, alpha 4, on the same projections) and loss (no KL).
+    trl runs every UNet call of the trajectory through torch.utils.checkpoint, whatever its config says;
+    with `checkpointing` its VAE decoder is checkpointed as ours is, and with "blocks" the UNet's own blocks
+    too (diffusers' enable_gradient_checkpointing, as its users can). None when trl is not installed."""
+    try:
+        from trl import AlignPropConfig, AlignPropTrainer, DefaultDDPOStableDiffusionPipeline
+    except ImportError:
+        return None
+    from accelerate import PartialState
+    import itertools
+    import logging
+    import warnings
+
+    import diffusers
+
+    import rewards
+
+    PartialState()  # trl logs through accelerate, which needs its state first
+    logging.getLogger("trl").setLevel(logging.ERROR)  # "no LoRA weights found": it adds its own
+    reward = rewards.load_reward("pickscore", rewards.parse_reward_sources([f"pickscore={clip}"]),
+                                 gradient_checkpointing=bool(checkpointing))
+    pipeline = DefaultDDPOStableDiffusionPipeline(model, use_lora=True)
+    pipeline.sd_pipeline.set_progress_bar_config(disable=True)
+    # trl samples at the UNet's configured size; this sets the bench's resolution
+    pipeline.sd_pipeline.unet.register_to_config(sample_size=bench.resolution // pipeline.sd_pipeline.vae_scale_factor)
+    if checkpointing:
+        pipeline.sd_pipeline.vae.enable_gradient_checkpointing()
+    if checkpointing == "blocks":
+        pipeline.sd_pipeline.unet.enable_gradient_checkpointing()
+    config = AlignPropConfig(
+        sample_num_steps=steps, sample_guidance_scale=bench.guidance_scale, sample_eta=0.0,
+        train_batch_size=bench.batch_size, truncated_backprop_rand=False, truncated_backprop_timestep=steps - truncation,
+        mixed_precision="no", log_with=None,
+        project_kwargs={"project_dir": os.path.join(tempfile.gettempdir(), "bench-reference")},
+    )
+    prompts = itertools.cycle(PROMPTS)
+    # Its own notices (deprecated trainer, fp32 casts, the pipeline's deprecated _encode_prompt) say nothing here.
+    diffusers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="trl")
+    warnings.filterwarnings("ignore", message=".*_encode_prompt", category=FutureWarning)
+    trainer = AlignPropTrainer(config, lambda images, prompts, metadata: (reward(images, list(prompts)), {}),
+                               lambda: (next(prompts), {}), pipeline)
+    pipeline.sd_pipeline.set_progress_bar_config(disable=True)
+    return lambda: trainer.step(0, 0)  # epoch 0: it saves no checkpoint
+
+
+def time_ratio(bench: BenchConfig, model: str, clip: str, steps: int, truncation: int, checkpointing: str,
+               with_reference: bool) -> Timing:
+    """A training step with the merged path, without it, the reference trainer's step (with_reference and
+    trl installed), and the stock pipeline sampling the same batch, last."""
     import models
     from utils import generators
 
     trainers = [make_trainer(bench, model, clip, steps, truncation, checkpointing, merged) for merged in (True, False)]
+    reference = make_reference(bench, model, clip, steps, truncation, checkpointing) if with_reference else None
     # The stock pipeline object, sampling with the training step's scheduler (DDIM for SD and SDXL, which
     # ships Euler; SD3's own flow-match Euler).
     pipe = models.load_model(model, torch.device("cpu"), scheduler=trainers[0].cfg.scheduler).pipe
@@ -114,7 +171,7 @@ def time_ratio(bench: BenchConfig, model: str, clip: str, steps: int, truncation
              generator=generators(range(bench.batch_size)))
 
     steps_of = [lambda trainer=trainer: trainer.step(next(step_counter)) for trainer in trainers]
-    return interleaved([*steps_of, pipeline_call], bench.repeats)
+    return interleaved([*steps_of, *([reference] if reference else []), pipeline_call], bench.repeats)
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -152,7 +209,7 @@ def time_parts(bench: BenchConfig, model: str, clip: str) -> tuple[float, dict[s
     with torch.no_grad():  # interleaved and repeated more: they differ by little
         calls = interleaved([lambda fn=fn: fn(model_input, t) for fn in (merged, layered, base, plain)],
                             3 * bench.repeats)
-    unet_s = calls.seconds[-1]
+    unet_s = calls.seconds(-1)
     parts = {"UNet with LoRA merged": calls.ratio(0), "with LoRA layers": calls.ratio(1),
              "base (adapters off)": calls.ratio(2),
              "UNet fwd+bwd": f"{median_seconds(unet_forward_backward, bench.repeats) / unet_s:.2f}",
@@ -160,27 +217,33 @@ def time_parts(bench: BenchConfig, model: str, clip: str) -> tuple[float, dict[s
     return unet_s, parts
 
 
-def _rss_peak_growth(bench, model, clip, steps, truncation, checkpointing, queue):
+def _rss_peak_growth(bench, model, clip, steps, truncation, checkpointing, reference, queue):
     import gc
 
     import utils
 
     torch.set_num_threads(bench.threads)
-    trainer = make_trainer(bench, model, clip, steps, truncation, checkpointing)
+    if reference:
+        step = make_reference(bench, model, clip, steps, truncation, checkpointing)
+    else:
+        trainer = make_trainer(bench, model, clip, steps, truncation, checkpointing)
+        step = lambda: trainer.step(0)  # noqa: E731
     gc.collect()
     memory = utils.MemoryMeter(torch.device("cpu"))
     memory.reset_peak()  # loading transients are not counted
-    trainer.step(0)
+    step()
     queue.put(memory.growth_mb())
 
 
-def peak_growth_mb(bench, model, clip, steps, truncation, checkpointing) -> float:
+def peak_growth_mb(bench, model, clip, steps, truncation, checkpointing, reference=False) -> float:
+    """Of our step, or with `reference` of the reference trainer's."""
     # A fixed mmap threshold makes glibc return every freed large block to the OS, so the peak
     # resident set follows live tensors instead of the allocator's retained heap.
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_rss_peak_growth, args=(bench, model, clip, steps, truncation, checkpointing, queue))
+    process = context.Process(target=_rss_peak_growth,
+                              args=(bench, model, clip, steps, truncation, checkpointing, reference, queue))
     process.start()
     process.join()
     if process.exitcode != 0:
@@ -194,15 +257,21 @@ STEP_CONFIGS = [(50, 1, ""), (10, 1, ""), (50, 10, ""), (50, 10, "steps"), (50, 
 CHECKPOINTING_NAMES = {"": "", "steps": " checkpointed", "blocks": " checkpointed with blocks"}
 
 
+def step_name(steps: int, truncation: int, checkpointing: str) -> str:
+    return f"N={steps} K={truncation}" + CHECKPOINTING_NAMES[checkpointing]
+
+
 def report(bench: BenchConfig, family: str, model: str, clip: str) -> None:
+    # trl's trainer takes SD 1.x/2.x pipelines only
+    with_reference = family == "SD" and importlib.util.find_spec("trl") is not None
     print(f"tiny {family} at {bench.resolution}px, batch {bench.batch_size}, CFG {bench.guidance_scale}, "
           f"LoRA rank {bench.lora_rank}, {torch.get_num_threads()} threads; median [range] of "
           f"{bench.repeats} interleaved rounds", flush=True)
-    for steps, truncation, checkpointing in STEP_CONFIGS:
-        timing = time_ratio(bench, model, clip, steps, truncation, checkpointing)
-        name = f"N={steps} K={truncation}" + CHECKPOINTING_NAMES[checkpointing]
-        print(f"(a) {name}: step / pipeline = {timing.ratio(0)} merged, {timing.ratio(1)} unmerged "
-              f"({timing.seconds[0]:.3f}s, {timing.seconds[1]:.3f}s / {timing.seconds[2]:.3f}s)", flush=True)
+    timings = {}
+    for config in STEP_CONFIGS:
+        timing = timings[config] = time_ratio(bench, model, clip, *config, with_reference)
+        print(f"(a) {step_name(*config)}: step / pipeline = {timing.ratio(0)} merged, {timing.ratio(1)} unmerged "
+              f"({timing.seconds(0):.3f}s, {timing.seconds(1):.3f}s / {timing.seconds(-1):.3f}s)", flush=True)
     unet_s, parts = time_parts(bench, model, clip)
     print(f"parts, in no-grad UNet calls with CFG ({unet_s * 1000:.1f} ms): "
           + ", ".join(f"{name} {units}" for name, units in parts.items()), flush=True)
@@ -214,6 +283,21 @@ def report(bench: BenchConfig, family: str, model: str, clip: str) -> None:
     print(f"(c) peak memory growth N=50 K=10 checkpointed {k10_steps:.1f} MB / K=1 {k1_n50:.1f} MB = "
           f"{k10_steps / k1_n50:.3f}; with blocks {k10_blocks:.1f} MB = {k10_blocks / k1_n50:.3f}; "
           f"without checkpointing {k10:.1f} MB = {k10 / k1_n50:.3f}", flush=True)
+    if family == "SD" and not with_reference:
+        print("(r) no reference: trl is not installed (pip install trl==0.23.1)", flush=True)
+    if with_reference:
+        report_reference(bench, model, clip, timings, growth)
+
+
+def report_reference(bench: BenchConfig, model: str, clip: str, timings: dict, growth: dict) -> None:
+    """Our step (merged path, KL on) beside the reference trainer's, timed in the same interleaved rounds."""
+    print("(r) the reference, trl 0.23.1's AlignPropTrainer, on the same model (LoRA rank 4, no KL; every UNet "
+          "call checkpointed, as trl always does)", flush=True)
+    for config, timing in timings.items():
+        reference_mb = peak_growth_mb(bench, model, clip, *config, reference=True)
+        print(f"(r) {step_name(*config)}: reference step / pipeline = {timing.ratio(2)}; ours / reference = "
+              f"{timing.ratio(0, of=2)}; peak memory growth ours {growth[config]:.1f} MB / reference "
+              f"{reference_mb:.1f} MB = {growth[config] / reference_mb:.3f}", flush=True)
 
 
 def sharded_training(bench: BenchConfig, model: str, clip: str, folder: str, fsdp: bool) -> tuple[float, float]:

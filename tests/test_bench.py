@@ -31,6 +31,14 @@ def test_bench_prints_every_ratio_for_every_family():
     for line in parts:
         units = [float(v) for v in re.findall(r"(?:merged|layers|off\)|bwd) (\d+\.\d+)", line)]
         assert len(units) == 5 and all(u > 0 for u in units), line
+    # the reference trainer (trl's AlignPropTrainer) beside ours on the tiny SD, at every configuration
+    reference = [line for line in lines if line.startswith("(r) N=")]
+    assert [line.split(":")[0] for line in reference] == [
+        "(r) N=50 K=1", "(r) N=10 K=1", "(r) N=50 K=10", "(r) N=50 K=10 checkpointed",
+        "(r) N=50 K=10 checkpointed with blocks"], lines
+    for line in reference:
+        ratios = [float(v) for v in re.findall(r"= (\d+\.\d+)", line)]
+        assert len(ratios) == 3 and all(math.isfinite(r) and r > 0 for r in ratios), line
     assert "Writing model shards" not in result.stdout + result.stderr  # no loading bars in the report
     fsdp = [line for line in lines if line.startswith("full fine-tune on 2 processes")]
     assert len(fsdp) == 1
