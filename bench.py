@@ -120,8 +120,10 @@ def make_reference(bench: BenchConfig, model: str, clip: str, steps: int, trunca
 
     import diffusers
 
+    import models
     import rewards
 
+    models.quiet_loading()  # also in the spawned memory processes
     PartialState()  # trl logs through accelerate, which needs its state first
     logging.getLogger("trl").setLevel(logging.ERROR)  # "no LoRA weights found": it adds its own
     reward = rewards.load_reward("pickscore", rewards.parse_reward_sources([f"pickscore={clip}"]),
