@@ -14,16 +14,16 @@ Prints, for a tiny SD, a tiny SDXL and a tiny SD3.5 model:
 and where a step's time goes, in units of one no-grad call of the UNet (SD3: transformer);
   (r) for the tiny SD, with trl 0.23.1 installed (requirements-test.txt has it): the reference trainer,
       trl's AlignPropTrainer, at the same configurations: its step / pipeline in the same interleaved
-      rounds, ours / its step time, and ours / its peak memory growth;
-then (with SD
-among --families) a 2-process full fine-tune of a wider tiny SD UNet through train.py with and without
---fsdp: step time and peak memory growth per rank.
-Memory is the growth of the peak resident set above the footprint after the models are loaded,
-each configuration in a fresh process (on a GPU run it would be torch.cuda.max_memory_allocated).
+      rounds, ours / its step time (ours with the KL, and without it: the reference's objective), and ours /
+      its peak memory growth;
+then (with SD among --families) a 2-process full fine-tune of a wider tiny SD UNet through train.py with
+and without --fsdp: step time and peak memory growth per rank.
+A step's memory is the peak growth of the bytes held in tensors during a warm step (the CPU's counterpart
+of torch.cuda.max_memory_allocated); the 2-process runs report train.py's own figure, the peak resident set
+above the loaded models (weights, gradients and Adam state dominate there).
 """
 
 import importlib.util
-import multiprocessing
 import os
 import statistics
 import sys
@@ -55,7 +55,7 @@ PROMPTS = ["a red circle", "a green square"]
 
 
 def make_trainer(bench: BenchConfig, model: str, clip: str, steps: int, truncation: int, checkpointing: str,
-                 merged: bool = True):
+                 merged: bool = True, kl_coeff: float = 0.1):
     """`checkpointing`: "" none, "steps" --gradient-checkpointing, "blocks" that and --checkpoint-blocks."""
     import training
     import utils
@@ -63,7 +63,7 @@ def make_trainer(bench: BenchConfig, model: str, clip: str, steps: int, truncati
     cfg = training.TrainConfig(
         model=model, reward_source=[f"pickscore={clip}"], inference_steps=steps, truncation_steps=truncation,
         guidance_scale=bench.guidance_scale, batch_size=bench.batch_size, resolution=bench.resolution,
-        lora_rank=bench.lora_rank, lora_alpha=bench.lora_rank, kl_coeff=0.1,
+        lora_rank=bench.lora_rank, lora_alpha=bench.lora_rank, kl_coeff=kl_coeff,
         gradient_checkpointing=bool(checkpointing), checkpoint_blocks=checkpointing == "blocks",
         run_dir=os.path.join(tempfile.gettempdir(), "bench-unused"), device="cpu",
     )
@@ -74,32 +74,53 @@ def make_trainer(bench: BenchConfig, model: str, clip: str, steps: int, truncati
 
 @dataclass
 class Timing:
-    rounds: list[list[float]]  # seconds of each callable, per round
+    rounds: list[dict[str, float]]  # seconds of each named callable, per round
 
-    def seconds(self, i: int) -> float:
-        return statistics.median(r[i] for r in self.rounds)
+    def seconds(self, name: str) -> float:
+        return statistics.median(r[name] for r in self.rounds)
 
-    def ratio(self, i: int, of: int = -1) -> str:
-        """Callable i's time over callable `of`'s (by default the last, the reference), round by round:
-        the median, then the range."""
-        per_round = [r[i] / r[of] for r in self.rounds]
+    def ratio(self, name: str, of: str) -> str:
+        """Callable `name`'s time over callable `of`'s, round by round: the median, then the range."""
+        per_round = [r[name] / r[of] for r in self.rounds]
         return f"{statistics.median(per_round):.3f} [{min(per_round):.3f}-{max(per_round):.3f}]"
 
 
-def interleaved(callables: list, repeats: int) -> Timing:
-    """Run the callables in turn, `repeats` rounds, so that any load on the machine weighs on all alike;
-    each round's ratios are what is compared."""
-    for fn in callables:
+def interleaved(callables: dict, repeats: int) -> Timing:
+    """Run the named callables in turn, `repeats` rounds, so that any load on the machine weighs on all
+    alike; each round's ratios are what is compared."""
+    for fn in callables.values():
         fn()  # warm-up: first calls pay for lazy initialisation
     rounds = []
     for _ in range(repeats):
-        times = []
-        for fn in callables:
+        times = {}
+        for name, fn in callables.items():
             start = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - start)
+            times[name] = time.perf_counter() - start
         rounds.append(times)
     return Timing(rounds)
+
+
+def allocated_peak_growth_mb(fn) -> float:
+    """Peak of the bytes that `fn` allocates and holds at once, from the profiler's record of every
+    allocation and free, kernels' own workspaces included: on the CPU what torch.cuda.max_memory_allocated
+    reports on a GPU after reset_peak_memory_stats, save that memory held before `fn` and freed by it is
+    not subtracted (the profiler never saw it allocated), so the figure errs high. Unlike the resident
+    set, it leaves out the allocator's retained heap and one-time lazy initialisation, which are tens of
+    MB here, more than the activations compared."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # the profiler's own start/stop notices say nothing here
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        fn()
+    changes = sorted((event.start_ns(), event.nbytes()) for event in profiler.profiler.kineto_results.events()
+                     if event.name() == "[memory]" and event.device_type() == DeviceType.CPU)
+    held = peak = 0
+    for _, nbytes in changes:
+        held += nbytes
+        peak = max(peak, held)
+    return peak / 2**20
 
 
 def make_reference(bench: BenchConfig, model: str, clip: str, steps: int, truncation: int, checkpointing: str):
@@ -153,18 +174,23 @@ def make_reference(bench: BenchConfig, model: str, clip: str, steps: int, trunca
     return lambda: trainer.step(0, 0)  # epoch 0: it saves no checkpoint
 
 
-def time_ratio(bench: BenchConfig, model: str, clip: str, steps: int, truncation: int, checkpointing: str,
-               with_reference: bool) -> Timing:
-    """A training step with the merged path, without it, the reference trainer's step (with_reference and
-    trl installed), and the stock pipeline sampling the same batch, last."""
+def measure(bench: BenchConfig, model: str, clip: str, steps: int, truncation: int, checkpointing: str,
+            with_reference: bool) -> tuple[Timing, dict[str, float]]:
+    """Interleaved times of a training step with the merged path ("merged"), without it ("unmerged"), with
+    `with_reference` and trl installed also of ours without the KL ("no KL", the reference's objective)
+    and of the reference trainer's step ("reference"), and of the stock pipeline sampling the same batch
+    ("pipeline"); then, the steps warm, the peak allocated memory growth of ours (merged) and the reference's."""
     import models
     from utils import generators
 
-    trainers = [make_trainer(bench, model, clip, steps, truncation, checkpointing, merged) for merged in (True, False)]
-    reference = make_reference(bench, model, clip, steps, truncation, checkpointing) if with_reference else None
+    config = (bench, model, clip, steps, truncation, checkpointing)
+    steps_of = {"merged": make_trainer(*config), "unmerged": make_trainer(*config, merged=False)}
+    reference = make_reference(*config) if with_reference else None
+    if reference:
+        steps_of["no KL"] = make_trainer(*config, kl_coeff=0.0)
     # The stock pipeline object, sampling with the training step's scheduler (DDIM for SD and SDXL, which
     # ships Euler; SD3's own flow-match Euler).
-    pipe = models.load_model(model, torch.device("cpu"), scheduler=trainers[0].cfg.scheduler).pipe
+    pipe = models.load_model(model, torch.device("cpu"), scheduler=steps_of["merged"].cfg.scheduler).pipe
     step_counter = iter(range(10**6))
 
     def pipeline_call():
@@ -172,8 +198,15 @@ def time_ratio(bench: BenchConfig, model: str, clip: str, steps: int, truncation
              height=bench.resolution, width=bench.resolution, output_type="pt",
              generator=generators(range(bench.batch_size)))
 
-    steps_of = [lambda trainer=trainer: trainer.step(next(step_counter)) for trainer in trainers]
-    return interleaved([*steps_of, *([reference] if reference else []), pipeline_call], bench.repeats)
+    callables = {name: lambda trainer=trainer: trainer.step(next(step_counter)) for name, trainer in steps_of.items()}
+    if reference:
+        callables["reference"] = reference
+    callables["pipeline"] = pipeline_call
+    timing = interleaved(callables, bench.repeats)
+    memory = {"ours": allocated_peak_growth_mb(callables["merged"])}
+    if reference:
+        memory["reference"] = allocated_peak_growth_mb(reference)
+    return timing, memory
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -209,48 +242,15 @@ def time_parts(bench: BenchConfig, model: str, clip: str) -> tuple[float, dict[s
         trainer.reward(models.decode(model_, z), prompts).sum().backward()
 
     with torch.no_grad():  # interleaved and repeated more: they differ by little
-        calls = interleaved([lambda fn=fn: fn(model_input, t) for fn in (merged, layered, base, plain)],
+        calls = interleaved({name: lambda fn=fn: fn(model_input, t) for name, fn in
+                             (("merged", merged), ("layered", layered), ("base", base), ("plain", plain))},
                             3 * bench.repeats)
-    unet_s = calls.seconds(-1)
-    parts = {"UNet with LoRA merged": calls.ratio(0), "with LoRA layers": calls.ratio(1),
-             "base (adapters off)": calls.ratio(2),
+    unet_s = calls.seconds("plain")
+    parts = {"UNet with LoRA merged": calls.ratio("merged", "plain"),
+             "with LoRA layers": calls.ratio("layered", "plain"), "base (adapters off)": calls.ratio("base", "plain"),
              "UNet fwd+bwd": f"{median_seconds(unet_forward_backward, bench.repeats) / unet_s:.2f}",
              "decode+reward fwd+bwd": f"{median_seconds(decode_reward_forward_backward, bench.repeats) / unet_s:.2f}"}
     return unet_s, parts
-
-
-def _rss_peak_growth(bench, model, clip, steps, truncation, checkpointing, reference, queue):
-    import gc
-
-    import utils
-
-    torch.set_num_threads(bench.threads)
-    if reference:
-        step = make_reference(bench, model, clip, steps, truncation, checkpointing)
-    else:
-        trainer = make_trainer(bench, model, clip, steps, truncation, checkpointing)
-        step = lambda: trainer.step(0)  # noqa: E731
-    gc.collect()
-    memory = utils.MemoryMeter(torch.device("cpu"))
-    memory.reset_peak()  # loading transients are not counted
-    step()
-    queue.put(memory.growth_mb())
-
-
-def peak_growth_mb(bench, model, clip, steps, truncation, checkpointing, reference=False) -> float:
-    """Of our step, or with `reference` of the reference trainer's."""
-    # A fixed mmap threshold makes glibc return every freed large block to the OS, so the peak
-    # resident set follows live tensors instead of the allocator's retained heap.
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    process = context.Process(target=_rss_peak_growth,
-                              args=(bench, model, clip, steps, truncation, checkpointing, reference, queue))
-    process.start()
-    process.join()
-    if process.exitcode != 0:
-        raise RuntimeError(f"memory measurement process failed with exit code {process.exitcode}")
-    return queue.get()
 
 
 # (N, K, gradient checkpointing): the configurations of the reference comparison, and K=10 with the
@@ -269,15 +269,17 @@ def report(bench: BenchConfig, family: str, model: str, clip: str) -> None:
     print(f"tiny {family} at {bench.resolution}px, batch {bench.batch_size}, CFG {bench.guidance_scale}, "
           f"LoRA rank {bench.lora_rank}, {torch.get_num_threads()} threads; median [range] of "
           f"{bench.repeats} interleaved rounds", flush=True)
-    timings = {}
+    timings, memory = {}, {}
     for config in STEP_CONFIGS:
-        timing = timings[config] = time_ratio(bench, model, clip, *config, with_reference)
-        print(f"(a) {step_name(*config)}: step / pipeline = {timing.ratio(0)} merged, {timing.ratio(1)} unmerged "
-              f"({timing.seconds(0):.3f}s, {timing.seconds(1):.3f}s / {timing.seconds(-1):.3f}s)", flush=True)
+        timings[config], memory[config] = measure(bench, model, clip, *config, with_reference)
+        timing = timings[config]
+        print(f"(a) {step_name(*config)}: step / pipeline = {timing.ratio('merged', 'pipeline')} merged, "
+              f"{timing.ratio('unmerged', 'pipeline')} unmerged ({timing.seconds('merged'):.3f}s, "
+              f"{timing.seconds('unmerged'):.3f}s / {timing.seconds('pipeline'):.3f}s)", flush=True)
     unet_s, parts = time_parts(bench, model, clip)
     print(f"parts, in no-grad UNet calls with CFG ({unet_s * 1000:.1f} ms): "
           + ", ".join(f"{name} {units}" for name, units in parts.items()), flush=True)
-    growth = {config: peak_growth_mb(bench, model, clip, *config) for config in STEP_CONFIGS}
+    growth = {config: figures["ours"] for config, figures in memory.items()}
     k1_n50, k1_n10 = growth[50, 1, ""], growth[10, 1, ""]
     k10, k10_steps, k10_blocks = growth[50, 10, ""], growth[50, 10, "steps"], growth[50, 10, "blocks"]
     print(f"(b) peak memory growth K=1: N=50 {k1_n50:.1f} MB / N=10 {k1_n10:.1f} MB = {k1_n50 / k1_n10:.3f}",
@@ -288,18 +290,20 @@ def report(bench: BenchConfig, family: str, model: str, clip: str) -> None:
     if family == "SD" and not with_reference:
         print("(r) no reference: trl is not installed (pip install trl==0.23.1)", flush=True)
     if with_reference:
-        report_reference(bench, model, clip, timings, growth)
+        report_reference(timings, memory)
 
 
-def report_reference(bench: BenchConfig, model: str, clip: str, timings: dict, growth: dict) -> None:
-    """Our step (merged path, KL on) beside the reference trainer's, timed in the same interleaved rounds."""
+def report_reference(timings: dict, memory: dict) -> None:
+    """Our step (merged path) with the KL and without it beside the reference trainer's, timed in the same
+    interleaved rounds."""
     print("(r) the reference, trl 0.23.1's AlignPropTrainer, on the same model (LoRA rank 4, no KL; every UNet "
           "call checkpointed, as trl always does)", flush=True)
     for config, timing in timings.items():
-        reference_mb = peak_growth_mb(bench, model, clip, *config, reference=True)
-        print(f"(r) {step_name(*config)}: reference step / pipeline = {timing.ratio(2)}; ours / reference = "
-              f"{timing.ratio(0, of=2)}; peak memory growth ours {growth[config]:.1f} MB / reference "
-              f"{reference_mb:.1f} MB = {growth[config] / reference_mb:.3f}", flush=True)
+        ours_mb, reference_mb = memory[config]["ours"], memory[config]["reference"]
+        print(f"(r) {step_name(*config)}: reference step / pipeline = {timing.ratio('reference', 'pipeline')}; "
+              f"ours / reference = {timing.ratio('merged', 'reference')}, without the KL "
+              f"{timing.ratio('no KL', 'reference')}; peak memory growth ours {ours_mb:.1f} MB / reference "
+              f"{reference_mb:.1f} MB = {ours_mb / reference_mb:.3f}", flush=True)
 
 
 def sharded_training(bench: BenchConfig, model: str, clip: str, folder: str, fsdp: bool) -> tuple[float, float]:
