@@ -142,22 +142,21 @@ def make_reference(bench: BenchConfig, model: str, clip: str, steps: int, trunca
 
     import diffusers
 
-    import models
     import rewards
 
-    models.quiet_loading()  # also in the spawned memory processes
     PartialState()  # trl logs through accelerate, which needs its state first
     logging.getLogger("trl").setLevel(logging.ERROR)  # "no LoRA weights found": it adds its own
     reward = rewards.load_reward("pickscore", rewards.parse_reward_sources([f"pickscore={clip}"]),
                                  gradient_checkpointing=bool(checkpointing))
     pipeline = DefaultDDPOStableDiffusionPipeline(model, use_lora=True)
-    pipeline.sd_pipeline.set_progress_bar_config(disable=True)
+    sd_pipeline = pipeline.sd_pipeline
+    sd_pipeline.set_progress_bar_config(disable=True)
     # trl samples at the UNet's configured size; this sets the bench's resolution
-    pipeline.sd_pipeline.unet.register_to_config(sample_size=bench.resolution // pipeline.sd_pipeline.vae_scale_factor)
+    sd_pipeline.unet.register_to_config(sample_size=bench.resolution // sd_pipeline.vae_scale_factor)
     if checkpointing:
-        pipeline.sd_pipeline.vae.enable_gradient_checkpointing()
+        sd_pipeline.vae.enable_gradient_checkpointing()
     if checkpointing == "blocks":
-        pipeline.sd_pipeline.unet.enable_gradient_checkpointing()
+        sd_pipeline.unet.enable_gradient_checkpointing()
     config = AlignPropConfig(
         sample_num_steps=steps, sample_guidance_scale=bench.guidance_scale, sample_eta=0.0,
         train_batch_size=bench.batch_size, truncated_backprop_rand=False, truncated_backprop_timestep=steps - truncation,
@@ -171,7 +170,7 @@ def make_reference(bench: BenchConfig, model: str, clip: str, steps: int, trunca
     warnings.filterwarnings("ignore", message=".*_encode_prompt", category=FutureWarning)
     trainer = AlignPropTrainer(config, lambda images, prompts, metadata: (reward(images, list(prompts)), {}),
                                lambda: (next(prompts), {}), pipeline)
-    pipeline.sd_pipeline.set_progress_bar_config(disable=True)
+    sd_pipeline.set_progress_bar_config(disable=True)
     return lambda: trainer.step(0, 0)  # epoch 0: it saves no checkpoint
 
 

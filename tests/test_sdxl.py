@@ -172,9 +172,17 @@ def test_saved_lora_loads_into_a_stock_sdxl_pipeline_and_reproduces_our_images(t
     trainer = trained[0]
     models.save_tuned(trainer.model, str(tmp_path))
     plain = stock_output(stock_pipeline(tiny_sdxl, "ddim"), GUIDANCE, "pt")
-    stock = stock_output(stock_pipeline(tiny_sdxl, "ddim", lora=str(tmp_path)), GUIDANCE, "pt")
+    stock_pipe = stock_pipeline(tiny_sdxl, "ddim", lora=str(tmp_path))
+    stock = stock_output(stock_pipe, GUIDANCE, "pt")
     assert (stock - plain).abs().max() > 1e-2  # the LoRA changes the images
-    assert (our_images(trainer.model) - stock).abs().max() <= 1e-5
+    trainer.model.merged_sampling = False  # through the LoRA layers, which are peft's
+    layered = our_images(trainer.model)
+    trainer.model.merged_sampling = True
+    assert (layered - stock).abs().max() <= 1e-6
+    # Our sampler runs merged weights: they are peft's own merge (fuse_lora). Merging sums in another
+    # order than the layers do, which after a CFG trajectory is 4e-6 here with torch 2.14, 8e-5 with 2.5.
+    stock_pipe.fuse_lora()
+    assert (our_images(trainer.model) - stock_output(stock_pipe, GUIDANCE, "pt")).abs().max() <= 1e-6
 
     resumed = models.load_model(tiny_sdxl, CPU)
     models.attach_lora(resumed, trainer.cfg.lora_rank, trainer.cfg.lora_alpha)
