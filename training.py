@@ -61,9 +61,11 @@ class TrainConfig(SamplerOptions, TextEncoderOptions, DeviceOption, RewardSource
     # with --fsdp: also write a consolidated unet/ (SD3: transformer/) folder every this many steps (0: the final one only)
     export_every: int = 0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # autocast dtype; auto = bf16 on GPU, none on CPU
-    gradient_checkpointing: bool = False  # recompute the UNet, VAE decoder and reward tower in backward to save memory
-    # also recompute the denoiser's own blocks in backward (diffusers' enable_gradient_checkpointing), so that
-    # backward holds one block's activations instead of a whole call's; one more forward per graph step
+    # recompute the UNet (SD3: transformer), VAE decoder and reward tower in backward to save memory: the
+    # UNet per graph call, or at K = 1 (and DRaFT-LV) per block, which holds less for the same recomputation
+    gradient_checkpointing: bool = False
+    # also recompute the UNet's own blocks in backward (diffusers' enable_gradient_checkpointing), so that
+    # backward holds one block's activations instead of a whole call's; with K > 1 one more forward per graph step
     checkpoint_blocks: bool = False
     seed: int = 0  # seeds data order, noise and truncation draws; same results on any number of GPUs
     run_dir: str = "runs/draftp"  # where checkpoints, log.jsonl and validation grids go
@@ -157,9 +159,35 @@ def resolved(cfg: TrainConfig, family: str) -> TrainConfig:
     return cfg
 
 
+def most_graph_calls(cfg: TrainConfig) -> int:
+    """The most denoiser calls with a graph in one rollout: K at most (DRaFT-LV: one, on n copies)."""
+    if cfg.lv_samples:
+        return 1
+    return cfg.truncation_range[1] if cfg.truncation_range else cfg.truncation_steps
+
+
+@dataclass(frozen=True)
+class DenoiserCheckpointing:
+    per_call: bool  # torch.utils.checkpoint around each graph call: memory flat in K
+    blocks: bool  # the denoiser's own blocks (diffusers' enable_gradient_checkpointing)
+
+
+def denoiser_checkpointing(cfg: TrainConfig) -> DenoiserCheckpointing:
+    """How --gradient-checkpointing and --checkpoint-blocks recompute the denoiser in backward.
+
+    With one graph call per rollout (K = 1, DRaFT-LV), checkpointing the blocks alone holds less than the
+    per-call checkpoint (the blocks' inputs and one block's activations, not the whole call's) for the
+    same single recomputation, so --gradient-checkpointing takes it; with more, the per-call checkpoint
+    keeps memory flat in K where the blocks' inputs would pile up call by call; --checkpoint-blocks adds
+    the blocks inside it (the least memory, for a second recomputation)."""
+    single_call = most_graph_calls(cfg) <= 1
+    return DenoiserCheckpointing(per_call=cfg.gradient_checkpointing and not single_call,
+                                 blocks=cfg.checkpoint_blocks or (cfg.gradient_checkpointing and single_call))
+
+
 def memory_warning(cfg: TrainConfig) -> str | None:
     """K > 1 without checkpointing keeps a whole network call's activations per graph step: say so."""
-    highest = cfg.truncation_range[1] if cfg.truncation_range else cfg.truncation_steps
+    highest = most_graph_calls(cfg)
     if highest <= 1 or cfg.gradient_checkpointing:
         return None
     return (f"warning: K up to {highest} without --gradient-checkpointing keeps {highest} UNet calls' activations "
@@ -255,7 +283,7 @@ class Trainer:
         # Latents stay fp32 under autocast: the scheduler arithmetic is then that of fp32 sampling.
         return generation.generate(self.model, prompts, seeds, settings, truncation_steps=truncation,
                                    with_kl=self.computes_kl and not base_only, base_only=base_only,
-                                   lv_samples=lv_samples, checkpoint_denoiser=cfg.gradient_checkpointing)
+                                   lv_samples=lv_samples, checkpoint_denoiser=denoiser_checkpointing(cfg).per_call)
 
     @property
     def resolution(self) -> int:
@@ -610,7 +638,7 @@ def build(cfg: TrainConfig, dist: utils.Dist) -> Trainer:
         models.attach_lora(model, cfg.lora_rank, cfg.lora_alpha)
     if cfg.gradient_checkpointing:
         model.pipe.vae.enable_gradient_checkpointing()
-    if cfg.checkpoint_blocks:
+    if denoiser_checkpointing(cfg).blocks:
         model.denoiser.enable_gradient_checkpointing()
     sharded = cfg.fsdp and dist.world_size > 1
     if sharded:

@@ -58,7 +58,8 @@ def worst_difference(a, b) -> float:
 @pytest.fixture(scope="module")
 def sharded_run(tiny_sd, tiny_clip, prompt_file, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("fsdp") / "run"
-    args = args_for(tiny_sd, tiny_clip, prompt_file, run_dir, "--fsdp", "--resolution", "32")
+    # checkpointed (K = 1: the UNet's blocks, inside FSDP2's units), against one process without it
+    args = args_for(tiny_sd, tiny_clip, prompt_file, run_dir, "--fsdp", "--resolution", "32", "--gradient-checkpointing")
     run_train(args, world_size=2)
     return run_dir, args
 

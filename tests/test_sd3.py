@@ -349,12 +349,16 @@ def test_saved_lora_loads_into_a_stock_sd3_pipeline_and_reproduces_our_images(tr
                                                   models.trainable_parameters(trainer.model)))
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd3, tiny_clip, tmp_path):
-    (plain_trainer, plain), *others = gradients_by_checkpointing(tiny_sd3, tiny_clip, tmp_path)
+@pytest.mark.parametrize("truncation", [1, 2])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd3, tiny_clip, tmp_path, truncation):
+    (plain_trainer, plain), *others = gradients_by_checkpointing(tiny_sd3, tiny_clip, tmp_path, truncation)
     assert plain.abs().max() > 0
     for trainer, other in others:
-        # --checkpoint-blocks: each transformer block recomputed in backward
-        assert trainer.model.denoiser.gradient_checkpointing == trainer.cfg.checkpoint_blocks
+        # each transformer block recomputed in backward: with --checkpoint-blocks, and at K = 1 with
+        # --gradient-checkpointing alone
+        cfg = trainer.cfg
+        assert trainer.model.denoiser.gradient_checkpointing == (
+            cfg.checkpoint_blocks or (cfg.gradient_checkpointing and truncation == 1))
         assert torch.allclose(plain, other, rtol=1e-4, atol=1e-7)
     assert not plain_trainer.model.denoiser.gradient_checkpointing
 

@@ -389,6 +389,22 @@ def test_merged_sampling_changes_no_loss_or_weight(tiny_sd, tiny_clip, prompt_fi
     assert results[0] == pytest.approx(results[1], abs=1e-5)
 
 
+def test_one_graph_call_checkpoints_the_blocks_and_more_calls_each_call():
+    def choice(**flags):
+        cfg = training.TrainConfig(**flags)
+        return training.denoiser_checkpointing(cfg).per_call, training.denoiser_checkpointing(cfg).blocks
+
+    assert choice(truncation_steps=1) == (False, False)
+    for one_call in (dict(truncation_steps=1), dict(truncation_steps=0, lv_samples=4),
+                     dict(truncation_range=(1, 1))):
+        assert choice(gradient_checkpointing=True, **one_call) == (False, True)
+        assert choice(gradient_checkpointing=True, checkpoint_blocks=True, **one_call) == (False, True)
+    for calls in (dict(truncation_steps=2), dict(truncation_range=(1, 3))):
+        assert choice(gradient_checkpointing=True, **calls) == (True, False)
+        assert choice(gradient_checkpointing=True, checkpoint_blocks=True, **calls) == (True, True)
+        assert choice(checkpoint_blocks=True, **calls) == (False, True)
+
+
 def test_k_above_one_without_checkpointing_warns_of_the_memory():
     assert training.memory_warning(training.TrainConfig(truncation_steps=1)) is None
     assert training.memory_warning(training.TrainConfig(truncation_steps=10, gradient_checkpointing=True)) is None
