@@ -9,7 +9,7 @@ Prints, for a tiny SD, a tiny SDXL and a tiny SD3.5 model:
       (CFG, batch 2, decoded) at (N, K) = (50, 1), (10, 1), (10, 1) with gradient checkpointing, (50, 10),
       and (50, 10) with gradient checkpointing per step and per step and block, with the merged-LoRA
       no-grad path and without it;
-  (b) peak memory of a K=1 step at N=50 / at N=10;
+  (b) peak memory of a K=1 step at N=50 / at N=10, and at N=10 with gradient checkpointing / without;
   (c) peak memory of a K=10 step with and without gradient checkpointing (per step, and per step with
       the denoiser's blocks too) / of a K=1 step;
 and where a step's time goes, in units of one no-grad call of the UNet (SD3: transformer);
@@ -281,10 +281,10 @@ def report(bench: BenchConfig, family: str, model: str, clip: str) -> None:
     print(f"parts, in no-grad UNet calls with CFG ({unet_s * 1000:.1f} ms): "
           + ", ".join(f"{name} {units}" for name, units in parts.items()), flush=True)
     growth = {config: figures["ours"] for config, figures in memory.items()}
-    k1_n50, k1_n10 = growth[50, 1, ""], growth[10, 1, ""]
+    k1_n50, k1_n10, k1_checkpointed = growth[50, 1, ""], growth[10, 1, ""], growth[10, 1, "steps"]
     k10, k10_steps, k10_blocks = growth[50, 10, ""], growth[50, 10, "steps"], growth[50, 10, "blocks"]
-    print(f"(b) peak memory growth K=1: N=50 {k1_n50:.1f} MB / N=10 {k1_n10:.1f} MB = {k1_n50 / k1_n10:.3f}",
-          flush=True)
+    print(f"(b) peak memory growth K=1: N=50 {k1_n50:.1f} MB / N=10 {k1_n10:.1f} MB = {k1_n50 / k1_n10:.3f}; "
+          f"N=10 checkpointed {k1_checkpointed:.1f} MB / N=10 = {k1_checkpointed / k1_n10:.3f}", flush=True)
     print(f"(c) peak memory growth N=50 K=10 checkpointed {k10_steps:.1f} MB / K=1 {k1_n50:.1f} MB = "
           f"{k10_steps / k1_n50:.3f}; with blocks {k10_blocks:.1f} MB = {k10_blocks / k1_n50:.3f}; "
           f"without checkpointing {k10:.1f} MB = {k10 / k1_n50:.3f}", flush=True)
