@@ -391,8 +391,8 @@ def test_merged_sampling_changes_no_loss_or_weight(tiny_sd, tiny_clip, prompt_fi
 
 def test_one_graph_call_checkpoints_the_blocks_and_more_calls_each_call():
     def choice(**flags):
-        cfg = training.TrainConfig(**flags)
-        return training.denoiser_checkpointing(cfg).per_call, training.denoiser_checkpointing(cfg).blocks
+        checkpointing = training.denoiser_checkpointing(training.TrainConfig(**flags))
+        return checkpointing.per_call, checkpointing.blocks
 
     assert choice(truncation_steps=1) == (False, False)
     for one_call in (dict(truncation_steps=1), dict(truncation_steps=0, lv_samples=4),
