@@ -113,3 +113,125 @@ def published_counts() -> dict[str, dict[str, int]]:
     """The published parameter counts (configs/real/README.md says where each is published)."""
     with open(PUBLISHED_COUNTS) as f:
         return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stand-in tokenizers: the token count of a prompt, not its vocabulary, shapes the networks' inputs
+
+
+def write_clip_tokenizer(folder: str, max_length: int) -> str:
+    """A byte-level CLIP BPE tokenizer with no merges: every word splits into characters, padded to
+    `max_length` tokens as the real one pads to 77.
+
+    Written as vocab.json + merges.txt + tokenizer_config.json, the files of the real SD/CLIP
+    tokenizer folders, so `CLIPTokenizer.from_pretrained(folder)` loads it the same way.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    os.makedirs(folder, exist_ok=True)
+    chars = sorted(ByteLevel.alphabet())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({token: i for i, token in enumerate(tokens)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer"}, f)
+    return folder
+
+
+def write_t5_tokenizer(folder: str) -> str:
+    """A real T5 (Unigram) tokenizer with one piece per lowercase letter, with and without the word
+    boundary mark, saved as the tokenizer.json + tokenizer_config.json of SD3's tokenizer_3 folder."""
+    from transformers import T5TokenizerFast
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+             + [(c, -3.0) for c in letters] + [("\u2581" + c, -3.5) for c in letters])
+    T5TokenizerFast(vocab=vocab, extra_ids=0).save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole pipelines and rewards with random weights, for time and memory at the real shapes
+
+
+def stand_in_tokenizers(folder: str, workdir: str) -> dict:
+    """A tokenizer for each tokenizer component of the pipeline that pads to the real one's length (CLIP: its
+    text encoder's positions; T5: the length the pipeline call asks for)."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    tokenizers = {}
+    for name, (_, class_name) in model_index_entries(folder).items():
+        if not name.startswith("tokenizer"):
+            continue
+        target = os.path.join(workdir, name)
+        if class_name == "CLIPTokenizer":
+            encoder = os.path.join(folder, name.replace("tokenizer", "text_encoder"), "config.json")
+            with open(encoder) as f:
+                length = json.load(f)["max_position_embeddings"]
+            tokenizers[name] = CLIPTokenizer.from_pretrained(write_clip_tokenizer(target, length))
+        elif class_name in ("T5Tokenizer", "T5TokenizerFast"):
+            tokenizers[name] = T5TokenizerFast.from_pretrained(write_t5_tokenizer(target))
+        else:
+            raise ValueError(f"no stand-in for the {class_name} of {folder}")
+    return tokenizers
+
+
+def model_index_entries(folder: str) -> dict[str, tuple[str | None, str | None]]:
+    return {name: tuple(entry) for name, entry in model_index(folder).items() if isinstance(entry, list)}
+
+
+def build_pipeline(model: str, device: torch.device | str, dtype: torch.dtype, workdir: str, **pipeline_kwargs):
+    """The diffusers pipeline of a shipped model (or any pipeline folder's configs) with random weights made on
+    `device` in `dtype`, stand-in tokenizers, and its own scheduler; components without a config (SD 1.5's
+    safety checker) are left out, as training leaves them."""
+    import diffusers
+
+    folder = model_folder(model)
+    components = {name: None for name in model_index_entries(folder)}
+    components.update(stand_in_tokenizers(folder, workdir))
+    components.update({name: build_network(folder, name, device, dtype) for name in networks(folder)})
+    scheduler_class = getattr(diffusers, model_index_entries(folder)["scheduler"][1])
+    components["scheduler"] = scheduler_class.from_config(scheduler_class.load_config(os.path.join(folder, "scheduler")))
+    for network in networks(folder):
+        components[network].eval()
+    return getattr(diffusers, pipeline_class_name(folder))(**{**components, **pipeline_kwargs})
+
+
+def random_weights_loader(workdir: str):
+    """models.load_model's counterpart for training.build: the pipeline built from its configs with random
+    weights directly on the device, in the dtype asked for."""
+    import models
+
+    def load(model: str, device: torch.device, dtype: torch.dtype = torch.float32, scheduler: str | None = None,
+             text=None):
+        family = models.detect_family(model)
+        text = text or models.TextEncoding()
+        pipe = build_pipeline(model, "cpu" if text.offload else device, dtype, workdir, **models.LOAD_KWARGS[family])
+        if not text.t5 and hasattr(pipe, "text_encoder_3"):
+            pipe.text_encoder_3 = pipe.tokenizer_3 = None
+        return models.prepared(pipe, family, device, scheduler or models.FAMILY_DEFAULTS[family]["scheduler"], text)
+
+    return load
+
+
+def random_pickscore_loader(workdir: str, backbone: str = "pickscore"):
+    """rewards.load_reward's counterpart for training.build: PickScore's CLIP-H with random weights (or, for
+    tests, another CLIPModel config folder), built on the device in the dtype asked for."""
+    import rewards
+    from transformers import CLIPImageProcessor, CLIPProcessor, CLIPTokenizer
+
+    def load(spec: str, sources=None, dtype: torch.dtype = torch.float32, device="cpu", gradient_checkpointing=False):
+        path = backbone if os.path.isdir(backbone) else os.path.join(REWARD_CONFIGS, backbone)
+        with torch.device(device), default_dtype(dtype):
+            network = build_transformers_model(path).eval()
+        side = network.config.vision_config.image_size
+        processor = CLIPProcessor(
+            image_processor=CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
+            tokenizer=CLIPTokenizer.from_pretrained(write_clip_tokenizer(
+                os.path.join(workdir, "reward_tokenizer"), network.config.text_config.max_position_embeddings)))
+        score = rewards.ClipScore(rewards.checkpointed_clip(network, gradient_checkpointing), processor)
+        return rewards.WeightedRewards([("pickscore", 1.0)], {"pickscore": score}).to(device)
+
+    return load

@@ -624,13 +624,15 @@ def keep_global_batch(cfg: TrainConfig, previous: dict, previous_world: int, wor
 # ---------------------------------------------------------------------------------------------
 
 
-def build(cfg: TrainConfig, dist: utils.Dist) -> Trainer:
+def build(cfg: TrainConfig, dist: utils.Dist, load_model=models.load_model, load_reward=rewards.load_reward) -> Trainer:
+    """`load_model` and `load_reward` (same arguments as the defaults) replace the loaders where the networks
+    come from elsewhere: bench.py's real shapes build them from their configs with random weights."""
     cfg = resolved(cfg, models.detect_family(cfg.model))
     amp = autocast_dtype(cfg, dist.device)
     weights_dtype = amp or torch.float32  # of everything frozen; trainable weights are fp32
     # Full fine-tuning starts from the checkpoint's own precision, then casts what stays frozen.
-    model = models.load_model(cfg.model, dist.device, torch.float32 if cfg.full_finetune else weights_dtype,
-                              cfg.scheduler, generation.text_encoding(cfg))
+    model = load_model(cfg.model, dist.device, torch.float32 if cfg.full_finetune else weights_dtype,
+                       cfg.scheduler, generation.text_encoding(cfg))
     generation.checked_resolution(model, cfg.resolution)
     if cfg.full_finetune:
         models.enable_full_finetune(model, weights_dtype)
@@ -643,8 +645,8 @@ def build(cfg: TrainConfig, dist: utils.Dist) -> Trainer:
     sharded = cfg.fsdp and dist.world_size > 1
     if sharded:
         shard(model, amp)
-    reward = rewards.load_reward(cfg.reward, rewards.parse_reward_sources(cfg.reward_source), dtype=weights_dtype,
-                                 device=dist.device, gradient_checkpointing=cfg.gradient_checkpointing)
+    reward = load_reward(cfg.reward, rewards.parse_reward_sources(cfg.reward_source), dtype=weights_dtype,
+                         device=dist.device, gradient_checkpointing=cfg.gradient_checkpointing)
     params = models.trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp == torch.float16)
