@@ -68,7 +68,8 @@ PROMPTS = ["a red circle", "a green square"]
 
 def make_trainer(bench: BenchConfig, model: str, clip: str, steps: int, truncation: int, checkpointing: str,
                  merged: bool = True, kl_coeff: float = 0.1):
-    """`checkpointing`: "" none, "steps" --gradient-checkpointing, "blocks" that and --checkpoint-blocks."""
+    """`checkpointing`: "" none, "steps" --gradient-checkpointing --checkpoint-calls-only (at K = 1 the same as
+    --gradient-checkpointing), "blocks" --gradient-checkpointing --checkpoint-blocks."""
     import training
     import utils
 
@@ -77,6 +78,7 @@ def make_trainer(bench: BenchConfig, model: str, clip: str, steps: int, truncati
         guidance_scale=bench.guidance_scale, batch_size=bench.batch_size, resolution=bench.resolution,
         lora_rank=bench.lora_rank, lora_alpha=bench.lora_rank, kl_coeff=kl_coeff,
         gradient_checkpointing=bool(checkpointing), checkpoint_blocks=checkpointing == "blocks",
+        checkpoint_calls_only=checkpointing == "steps",
         run_dir=os.path.join(tempfile.gettempdir(), "bench-unused"), device="cpu",
     )
     trainer = training.build(cfg, utils.init_distributed("cpu"))

@@ -77,6 +77,8 @@ def build_transformers_model(path: str, class_name: str | None = None) -> torch.
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(path)
+    if torch.get_default_device().type == "meta":
+        config._attn_implementation = "eager"  # SDPA's mask shortcut reads the mask's values, which meta has not
     cls = getattr(transformers, class_name or config.architectures[0])
     return cls(config)
 
