@@ -59,6 +59,7 @@ class BenchConfig:
     real_steps: int | None = None  # sampler steps N of the real-shape bench; default the family's
     # the Markdown table of the real-shape bench is also appended to this file (the device run writes the docs' table)
     real_table: str | None = None
+    real_table_rows_only: bool = False  # append only the rows to --real-table (an earlier model's run wrote its header)
     # reward network of the real-shape bench: a configs/real/rewards name, or a CLIPModel folder (its config is used)
     real_reward: str = "pickscore"
 
@@ -496,7 +497,8 @@ def report_real(bench: BenchConfig, reward_backbone: str, workdir: str) -> None:
     header = real_table_header(bench, device)
     lines = [header, "", *REAL_TABLE_HEADER]
     print("\n".join(lines), flush=True)
-    write_table_lines(bench, lines)
+    if not bench.real_table_rows_only:
+        write_table_lines(bench, lines)
     for model in bench.real:
         for row in real_shape_report(bench, model, reward_backbone, device, workdir):
             print(row, flush=True)
