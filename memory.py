@@ -39,7 +39,8 @@ class Mode:
     gpus: int = 1  # --fsdp over this many GPUs (full fine-tune only)
     offload_text: bool = False  # --offload-text-encoders
     truncation: int = 1  # K
-    checkpointing: Literal["", "steps", "blocks"] = "blocks"  # none, --gradient-checkpointing, and --checkpoint-blocks
+    # none; the per-call checkpoint alone at K > 1 (--checkpoint-calls-only; at K = 1 the blocks); calls and blocks
+    checkpointing: Literal["", "steps", "blocks"] = "blocks"
     guided: bool = True  # CFG doubles the denoiser's batch
     weight_bytes: int = BF16  # frozen weights and activations: bf16 on a GPU, fp32 on the CPU
 
@@ -283,8 +284,7 @@ def rows(cfg: MemoryConfig, model: str) -> list[str]:
     lines = []
     for label, mode in modes:
         e = estimate(parts, mode)
-        checkpointing = {"": "none", "steps": "--gradient-checkpointing",
-                         "blocks": "--gradient-checkpointing --checkpoint-blocks"}[mode.checkpointing]
+        checkpointing = checkpointing_flags(mode)
         lines.append(f"| {model} | {resolution} px x {batch} | {label} | {mode.truncation} | {checkpointing} | "
                      f"{'yes' if mode.offload_text else 'no'} | {e.weights / GiB:.1f} | {e.gradients / GiB:.2f} | "
                      f"{e.optimizer / GiB:.2f} | {e.frozen / GiB:.1f} | {e.activations / GiB:.1f} | "
@@ -292,8 +292,16 @@ def rows(cfg: MemoryConfig, model: str) -> list[str]:
     return lines
 
 
+def checkpointing_flags(mode: Mode) -> str:
+    """The train.py flags of a mode: "steps" is the per-call checkpoint alone where K > 1, "blocks" nests the blocks."""
+    if not mode.checkpointing:
+        return "none"
+    return "--gradient-checkpointing" + (" --checkpoint-calls-only" if mode.checkpointing == "steps" and mode.truncation > 1
+                                         else "")
+
+
 TABLE_HEADER = ["| model | image x batch per GPU | trained | K | checkpointing | text encoders offloaded | denoiser weights "
-                "| gradients | Adam state | frozen | activations | total GiB |",
+                "| gradients | Adam state | frozen | activations (or text encoders' visit) | total GiB |",
                 "| --- | --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
 
 
