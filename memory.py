@@ -12,7 +12,6 @@ calibrated on measured CPU peaks (tests/test_memory.py checks the model against 
 """
 
 import contextlib
-import os
 import tempfile
 from dataclasses import dataclass
 from typing import Literal
