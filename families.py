@@ -208,7 +208,8 @@ class SD3(Family):
 def _fp16_autocast_suspended(vae):
     """An fp32 VAE under fp16 autocast would run in fp16 after all."""
     device_type = vae.device.type
-    fp16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+    fp16 = (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+            and torch.get_autocast_dtype(device_type) == torch.float16)  # (the meta device has no autocast)
     with torch.autocast(device_type, enabled=False) if fp16 else contextlib.nullcontext():
         yield
 

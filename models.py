@@ -132,6 +132,13 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.floa
                                                  **{**_components_left_out(model, family, text), **family.load_kwargs})
     except Exception as error:
         raise UsageError(f"cannot load model {model!r}: {_first_line(error)}") from None
+    return prepared(pipe, family, device, scheduler, text)
+
+
+def prepared(pipe: DiffusionPipeline, family: families.Family, device: torch.device, scheduler: str,
+             text: TextEncoding = TextEncoding()) -> DiffusionModel:
+    """A loaded (or built) pipeline made ready for sampling and training: the scheduler asked for, every
+    part frozen, on `device` (the text encoders stay on the CPU with offloading)."""
     if scheduler == "ddim":
         pipe.scheduler = ddim_from(pipe.scheduler.config)
     elif scheduler == "cps":
