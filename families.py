@@ -29,6 +29,9 @@ class Guidance(NamedTuple):
 
 
 class Family:
+    """The base class, SD's UNet path: a family sets the class attributes below and overrides the methods
+    where its pipeline differs. Families hold no state; `model` carries everything loaded."""
+
     name: ClassVar[str]  # recorded and shown in messages: "sd", "sdxl", "sd3"
     label: ClassVar[str]  # the family's name for people: "SD", "SDXL", "SD3"
     pipelines: ClassVar[tuple[str, ...]]  # the model_index.json `_class_name`s of this family
