@@ -50,6 +50,12 @@ class Family:
     def __repr__(self) -> str:
         return f"<{self.label} family>"
 
+    def for_checkpoint(self, model: str) -> "Family":
+        """The family as checkpoint `model` (folder or hub id) sets it up, read before the pipeline loads:
+        here the same for all. A family whose checkpoints differ in their real-use defaults (a
+        guidance-distilled one, told by its config) returns an instance holding that checkpoint's."""
+        return self
+
     # -- options
 
     def validate(self, cfg) -> None:

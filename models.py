@@ -117,7 +117,7 @@ def detect_family(model: str) -> families.Family:
     family = families.of_pipeline(class_name)
     if family is None:
         raise UsageError(f"model {model!r} is a {class_name}; supported: {', '.join(families.pipeline_names())}")
-    return family
+    return family.for_checkpoint(model)
 
 
 def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.float32, scheduler: str | None = None,
