@@ -806,48 +806,47 @@ def baseline_val_metrics(trainer: Trainer, log: utils.JsonlLog, run) -> None:
 
 
 def run_steps(trainer: Trainer, start: int, log: utils.JsonlLog, run, val_prompts: list[str]) -> str | None:
-    """Steps `start` .. cfg.steps with logging, validation grids and checkpoints; raises Diverged.
-    Returns the last checkpoint written."""
+    """Steps `start` .. cfg.steps with logging, validation grids and checkpoints; raises Diverged and
+    ReplicasDisagree. Returns the last checkpoint written."""
     cfg, dist = trainer.cfg, trainer.dist
     bad_streak, saved = 0, None
     memory = utils.MemoryMeter(dist.device)
     if start == 0 and cfg.val_metrics and cfg.val_every:
         baseline_val_metrics(trainer, log, run)
-    bar = tqdm(total=cfg.steps, initial=start, disable=not dist.is_main, desc="train", dynamic_ncols=True)
-    for step in range(start, cfg.steps):
-        done = step + 1
-        timer = utils.Timer()
-        memory.reset_peak()
-        record = trainer.step(step)
-        seconds = timer.seconds()
-        record.update(step=done, sec_per_step=seconds, images_per_s=global_batch(cfg, dist.world_size) / seconds,
-                      peak_mem_mb=memory.peak_mb(), mem_growth_mb=memory.growth_mb())
-        bad_streak = bad_streak + 1 if record["bad"] else 0
-        if record["bad"]:
-            bar.write(f"warning: non-finite loss or gradient at step {done}; optimizer step skipped", file=sys.stderr)
-            if bad_streak >= cfg.max_bad_steps:
-                bar.close()
-                raise Diverged(f"{bad_streak} bad steps in a row at step {done}")
-        validating = bool(cfg.val_every) and (done % cfg.val_every == 0 or done == cfg.steps)
-        if validating:
-            if trainer.validates:
-                record.update(trainer.validation_grid(done, val_prompts))
-                if trainer.val_scorers:
-                    record.update(trainer.validation_metrics())
-            utils.barrier()
-        if dist.is_main:
-            log.write(record)
-            if run is not None:
-                run.log(record, step=done)
-            if validating or done == cfg.steps:
-                write_curves(log.records(), os.path.join(cfg.run_dir, "curves.png"))
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                bar.write(status_line(done, cfg.steps, record))
-        bar.update(1)
-        # Inside a run of bad steps nothing is saved, so the newest checkpoint stays a good one; the
-        # last step is always saved (a bad step changed no weight).
-        if done == cfg.steps or (bad_streak == 0 and done % cfg.save_every == 0):
-            export = done == cfg.steps or bool(cfg.export_every and done % cfg.export_every == 0)
-            saved = save_checkpoint(trainer, done, export)
-    bar.close()
+    # closed however the loop ends, so that a stop's one line is the last on the terminal
+    with tqdm(total=cfg.steps, initial=start, disable=not dist.is_main, desc="train", dynamic_ncols=True) as bar:
+        for step in range(start, cfg.steps):
+            done = step + 1
+            timer = utils.Timer()
+            memory.reset_peak()
+            record = trainer.step(step)
+            seconds = timer.seconds()
+            record.update(step=done, sec_per_step=seconds, images_per_s=global_batch(cfg, dist.world_size) / seconds,
+                          peak_mem_mb=memory.peak_mb(), mem_growth_mb=memory.growth_mb())
+            bad_streak = bad_streak + 1 if record["bad"] else 0
+            if record["bad"]:
+                bar.write(f"warning: non-finite loss or gradient at step {done}; optimizer step skipped", file=sys.stderr)
+                if bad_streak >= cfg.max_bad_steps:
+                    raise Diverged(f"{bad_streak} bad steps in a row at step {done}")
+            validating = bool(cfg.val_every) and (done % cfg.val_every == 0 or done == cfg.steps)
+            if validating:
+                if trainer.validates:
+                    record.update(trainer.validation_grid(done, val_prompts))
+                    if trainer.val_scorers:
+                        record.update(trainer.validation_metrics())
+                utils.barrier()
+            if dist.is_main:
+                log.write(record)
+                if run is not None:
+                    run.log(record, step=done)
+                if validating or done == cfg.steps:
+                    write_curves(log.records(), os.path.join(cfg.run_dir, "curves.png"))
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    bar.write(status_line(done, cfg.steps, record))
+            bar.update(1)
+            # Inside a run of bad steps nothing is saved, so the newest checkpoint stays a good one; the
+            # last step is always saved (a bad step changed no weight).
+            if done == cfg.steps or (bad_streak == 0 and done % cfg.save_every == 0):
+                export = done == cfg.steps or bool(cfg.export_every and done % cfg.export_every == 0)
+                saved = save_checkpoint(trainer, done, export)
     return saved

@@ -316,7 +316,9 @@ def hold_run_dir(run_dir: str, required: bool = False):
     process ends, even by kill -9, so a resume is never blocked). Returns the open lock file, to keep.
     Where the filesystem cannot lock (NFS without a lock manager, Lustre without its flock option) the
     run goes on unlocked after one line saying so, or, `required`, is refused."""
-    handle = open(os.path.join(run_dir, ".lock"), "a+")
+    path = os.path.join(run_dir, ".lock")
+    existed = os.path.exists(path)
+    handle = open(path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -327,6 +329,8 @@ def hold_run_dir(run_dir: str, required: bool = False):
                          "or use another --run-dir") from None
     except OSError as error:  # ENOLCK, EOPNOTSUPP, ENOSYS: no locks on this filesystem, not a holder
         handle.close()
+        if not existed:  # a lock file that locks nothing would only mislead
+            os.remove(path)
         consequence = (f"--run-dir {run_dir!r} cannot be locked on its filesystem ({error.strerror}), so nothing "
                        "would stop a second training on it from overwriting this one's checkpoints")
         if required:
