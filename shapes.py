@@ -210,12 +210,13 @@ def random_weights_loader(workdir: str):
              text=None, denoiser_dtype: torch.dtype | None = None):
         family = models.detect_family(model)
         text = text or models.TextEncoding()
-        pipe = build_pipeline(model, "cpu" if text.offload else device, dtype, workdir, **models.LOAD_KWARGS[family])
+        pipe = build_pipeline(model, "cpu" if text.offload else device, dtype, workdir, **family.load_kwargs)
         if denoiser_dtype:
-            getattr(pipe, models.DENOISERS[family]).to(denoiser_dtype)
-        if not text.t5 and hasattr(pipe, "text_encoder_3"):
-            pipe.text_encoder_3 = pipe.tokenizer_3 = None
-        return models.prepared(pipe, family, device, scheduler or models.FAMILY_DEFAULTS[family]["scheduler"], text)
+            getattr(pipe, family.denoiser_name).to(denoiser_dtype)
+        if not text.t5:
+            for name in family.t5_components:
+                setattr(pipe, name, None)
+        return models.prepared(pipe, family, device, scheduler or family.defaults["scheduler"], text)
 
     return load
 

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 import evaluation
+import families
 import generation
 import models
 import plots
@@ -155,12 +156,12 @@ def val_metrics_prompts(cfg: TrainConfig) -> dict[int, str]:
     return {p: every[p] for p in prompt_sets.spread_indices(len(every), cfg.val_metrics_num_prompts)}
 
 
-def resolved(cfg: TrainConfig, family: str) -> TrainConfig:
+def resolved(cfg: TrainConfig, family: families.Family) -> TrainConfig:
     """`cfg` with its family's defaults for the flags left unset (SD3 trains at 512 px, as FDFO and
     RTDMD do; SD and SDXL at their model's own size), validated again with them."""
     cfg = generation.with_family_defaults(cfg, family)
     if cfg.resolution is None:
-        cfg = replace(cfg, resolution=models.FAMILY_DEFAULTS[family].get("train_resolution"))
+        cfg = replace(cfg, resolution=family.train_resolution)
     validate(cfg)
     return cfg
 
@@ -446,13 +447,6 @@ def full_value(norm: torch.Tensor) -> float:
 # Sharding (FSDP2)
 
 
-def shard_units(network: torch.nn.Module) -> list[torch.nn.Module]:
-    """The blocks to shard one by one: a UNet's down, mid and up blocks; a transformer's blocks."""
-    units = [*getattr(network, "down_blocks", []), getattr(network, "mid_block", None),
-             *getattr(network, "up_blocks", []), *getattr(network, "transformer_blocks", [])]
-    return [unit for unit in units if unit is not None]
-
-
 def sharding(amp: torch.dtype | None):
     """FSDP2's fully_shard of one module, computing in `amp` (None: the weights' own dtype) and reducing
     gradients in fp32."""
@@ -462,13 +456,13 @@ def sharding(amp: torch.dtype | None):
     return lambda module: fully_shard(module, mp_policy=policy)
 
 
-def shard(network: torch.nn.Module, shard_one) -> None:
-    """Shard the trainable UNet per block, so a process holds 1/world of its weights (and of the gradients
-    and optimizer state) and gathers one block's at a time. Its frozen base is sharded as it is made
-    (models.frozen_copy)."""
-    for unit in shard_units(network):
+def shard(model: models.DiffusionModel, shard_one) -> None:
+    """Shard the trainable denoiser per block (its family's shard_units), so a process holds 1/world of its
+    weights (and of the gradients and optimizer state) and gathers one block's at a time. Its frozen base is
+    sharded as it is made (models.frozen_copy)."""
+    for unit in model.family.shard_units(model.denoiser):
         shard_one(unit)
-    shard_one(network)
+    shard_one(model.denoiser)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,9 +632,8 @@ def reported_as_damage(folder: str):
         raise UsageError(f"cannot resume from {folder!r} ({text}); move it away to resume from an earlier one") from None
 
 
-# Flags whose default depends on the model family: None until the family is read from the model folder
-# (every family defaults the same flags; SD3 also the training resolution).
-FAMILY_DEFAULTED = (*models.FAMILY_DEFAULTS["sd"], "resolution")
+# Flags whose default depends on the model family: None until the family is read from the model folder.
+FAMILY_DEFAULTED = (*dict.fromkeys(flag for family in families.FAMILIES for flag in family.defaults), "resolution")
 # Fields a resume may change: they shape neither the weights nor the data order.
 MUTABLE_ON_RESUME = {"steps", "save_every", "val_every", "log_every", "wandb", "wandb_project", "device",
                      "offload_text_encoders", "export_every", "run_dir",  # a run dir may be moved or copied
@@ -731,7 +724,7 @@ def build(cfg: TrainConfig, dist: utils.Dist, load_model=models.load_model, load
     generation.checked_resolution(model, cfg.resolution)
     sharded = cfg.fsdp and dist.world_size > 1
     if cfg.full_finetune:
-        units, shard_base = (shard_units(model.denoiser), sharding(None)) if sharded else ((), None)
+        units, shard_base = (model.family.shard_units(model.denoiser), sharding(None)) if sharded else ((), None)
         models.enable_full_finetune(model, weights_dtype, units, shard_base)
     else:
         models.attach_lora(model, cfg.lora_rank, cfg.lora_alpha)
@@ -740,7 +733,7 @@ def build(cfg: TrainConfig, dist: utils.Dist, load_model=models.load_model, load
     if denoiser_checkpointing(cfg).blocks:
         model.denoiser.enable_gradient_checkpointing()
     if sharded:
-        shard(model.unet, sharding(amp))
+        shard(model, sharding(amp))
     reward = load_reward(cfg.reward, rewards.parse_reward_sources(cfg.reward_source), dtype=weights_dtype,
                          device=dist.device, gradient_checkpointing=cfg.gradient_checkpointing)
     params = models.trainable_parameters(model)
