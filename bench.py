@@ -18,7 +18,9 @@ and where a step's time goes, in units of one no-grad call of the UNet (SD3: tra
       rounds, ours / its step time (ours with the KL, and without it: the reference's objective), and ours /
       its peak memory growth;
 then (with SD among --families) a 2-process full fine-tune of a wider tiny SD UNet through train.py with
-and without --fsdp: step time and peak memory growth per rank.
+and without --fsdp: step time and peak memory growth per rank; and the start-up of a full fine-tune of that
+UNet (loading, frozen copy, reward) in a fresh process, bf16 against fp32: its peak resident set above the
+imports.
 A step's memory is the peak growth of the bytes held in tensors during a warm step (the CPU's counterpart
 of torch.cuda.max_memory_allocated); the 2-process runs report train.py's own figure, the peak resident set
 above the loaded models (weights, gradients and Adam state dominate there).
@@ -366,6 +368,39 @@ def report_fsdp(bench: BenchConfig, model: str, clip: str, folder: str) -> None:
           f"= {fsdp_mb / plain_mb:.3f}", flush=True)
 
 
+STARTUP = """\
+import resource, sys
+sys.path.insert(0, {root!r})
+import training, utils
+with open("/proc/self/status") as f:
+    before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+cfg = training.TrainConfig(model={model!r}, reward_source=["pickscore={clip}"], full_finetune=True,
+                           mixed_precision={precision!r}, inference_steps=4, resolution=32, device="cpu")
+training.build(cfg, utils.init_distributed("cpu"))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def startup_growth_mb(model: str, clip: str, precision: str, root: str = ROOT) -> float:
+    """Peak resident set of a full fine-tune's start-up (training.build: load, frozen copy, reward) above the
+    imports, in MB, in a fresh process of the code of `root`: everything is on the CPU, so it is the figure
+    a GPU's memory would show at start-up."""
+    import subprocess
+
+    script = STARTUP.format(root=root, model=model, clip=clip, precision=precision)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, env=env)
+    return float(result.stdout.split()[-1])
+
+
+def report_startup(model: str, clip: str) -> None:
+    unet_mb = unet_parameters(model) * 4 / 2**20
+    fp32, bf16 = (startup_growth_mb(model, clip, precision) for precision in ("no", "bf16"))
+    print(f"full fine-tune start-up, UNet of {unet_parameters(model) / 1e6:.1f} M parameters ({unet_mb:.1f} MB in "
+          f"fp32): peak resident growth bf16 {bf16:.1f} MB / fp32 {fp32:.1f} MB = {bf16 / fp32:.3f}; "
+          f"bf16 / fp32 UNet = {bf16 / unet_mb:.3f}", flush=True)
+
+
 def unet_parameters(model: str) -> int:
     from diffusers import UNet2DConditionModel
 
@@ -555,6 +590,7 @@ def main(bench: BenchConfig) -> None:
             # fine-tuning.
             wide = tiny_models.make_tiny_sd(os.path.join(folder, "wide"), block_out_channels=(128, 256))
             report_fsdp(bench, wide, clip, folder)
+            report_startup(wide, clip)
 
 
 if __name__ == "__main__":

@@ -171,13 +171,9 @@ METRICS = {
 
 
 def load_metrics(names: list[str], setup: MetricSetup, dist: utils.Dist) -> dict[str, PerImage]:
-    """Each metric's model once per process; rank 0 first, so that only it downloads into shared caches."""
-    if not dist.is_main:
-        utils.barrier()
-    loaded = {name: METRICS[name].load(setup) for name in names}
-    if dist.is_main:
-        utils.barrier()
-    return loaded
+    """Each metric's model once per process, in turns per node (utils.in_turns_per_node): what one downloads
+    into a node's caches (DreamSim's weights) is fetched there by one process while the others wait."""
+    return utils.in_turns_per_node(dist, lambda: {name: METRICS[name].load(setup) for name in names})
 
 
 @dataclass

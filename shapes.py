@@ -207,10 +207,12 @@ def random_weights_loader(workdir: str):
     import models
 
     def load(model: str, device: torch.device, dtype: torch.dtype = torch.float32, scheduler: str | None = None,
-             text=None):
+             text=None, denoiser_dtype: torch.dtype | None = None):
         family = models.detect_family(model)
         text = text or models.TextEncoding()
         pipe = build_pipeline(model, "cpu" if text.offload else device, dtype, workdir, **family.load_kwargs)
+        if denoiser_dtype:
+            getattr(pipe, family.denoiser_name).to(denoiser_dtype)
         if not text.t5:
             for name in family.t5_components:
                 setattr(pipe, name, None)

@@ -73,6 +73,9 @@ class TrainConfig(SamplerOptions, TextEncoderOptions, DeviceOption, RewardSource
     checkpoint_calls_only: bool = False
     seed: int = 0  # seeds data order, noise and truncation draws; same results on any number of GPUs
     run_dir: str = "runs/draftp"  # where checkpoints, log.jsonl and validation grids go
+    # refuse a run dir whose filesystem cannot lock it (NFS without a lock manager, Lustre without its flock
+    # option) instead of training there unlocked after a warning
+    require_run_dir_lock: bool = False
     save_every: int = 100  # checkpoint every this many steps (and at the end)
     val_every: int = 100  # base-vs-tuned grid of fixed prompts and seeds every this many steps (0: never)
     val_prompts: int = 4  # prompts in the validation grid
@@ -301,9 +304,10 @@ class Trainer:
         cfg = self.cfg
         self.set_lr(step)
         scores, kls, losses, truncations = [], [], [], []
+        # Sharded, every micro-batch's backward reduce-scatters its gradients into the shards (FSDP2's default):
+        # one reduce-scatter per micro-batch instead of one per step, for 1/world of the gradient memory; without
+        # sync until the last one, each process would hold the whole unsharded fp32 gradient in between.
         for micro in range(cfg.grad_accum):
-            if self.sharded:  # reduce-scatter the gradients once, after the last micro-batch
-                self.model.unet.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
             positions = micro_batch_positions(cfg, step, micro, self.dist)
             batch_prompts = [self.stream.prompt(p) for p in positions]
             seeds = [self.stream.noise_seed(p) for p in positions]
@@ -443,16 +447,22 @@ def full_value(norm: torch.Tensor) -> float:
 # Sharding (FSDP2)
 
 
-def shard(model: models.DiffusionModel, amp: torch.dtype | None) -> None:
-    """Shard the trainable UNet and its frozen base per block, so a process holds 1/world of their
-    weights (and of the gradients and optimizer state) and gathers one block's at a time."""
+def sharding(amp: torch.dtype | None):
+    """FSDP2's fully_shard of one module, computing in `amp` (None: the weights' own dtype) and reducing
+    gradients in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32)
-    for network, mp_policy in ((model.unet, policy), (model.frozen_base, MixedPrecisionPolicy())):
-        for unit in model.family.shard_units(network):
-            fully_shard(unit, mp_policy=mp_policy)
-        fully_shard(network, mp_policy=mp_policy)
+    return lambda module: fully_shard(module, mp_policy=policy)
+
+
+def shard(model: models.DiffusionModel, shard_one) -> None:
+    """Shard the trainable denoiser per block (its family's shard_units), so a process holds 1/world of its
+    weights (and of the gradients and optimizer state) and gathers one block's at a time. Its frozen base is
+    sharded as it is made (models.frozen_copy)."""
+    for unit in model.family.shard_units(model.denoiser):
+        shard_one(unit)
+    shard_one(model.denoiser)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,10 +478,17 @@ def save_checkpoint(trainer: Trainer, step: int, export: bool) -> str:
     """Write the tuned weights, optimizer, RNG and data position, and the config, atomically: into a
     temporary folder renamed into place, so a killed save leaves nothing a resume would read.
 
-    Unsharded, rank 0 writes everything, and every rank's weight fingerprint is recorded: they must
-    agree, and a mismatch means the ranks drifted apart (non-deterministic kernels, a missed
-    all-reduce). With --fsdp every rank writes its shards (`export`: rank 0 also a consolidated unet/)."""
+    Unsharded, rank 0 writes everything, once every rank's weight fingerprint agrees with the others:
+    a mismatch means the replicas drifted apart (model folders that differ between nodes,
+    non-deterministic kernels, a missed all-reduce), and ends the run instead of saving rank 0's
+    weights as if they were everyone's. With --fsdp every rank writes its shards (`export`: rank 0
+    also a consolidated unet/)."""
     cfg = trainer.cfg
+    fingerprints = None if cfg.fsdp else utils.gather_objects(weights_fingerprint(trainer.model))
+    if fingerprints is not None and (odd := disagreeing_ranks(fingerprints)):
+        raise ReplicasDisagree(f"the replicas' weights disagree at step {step}: rank {', '.join(map(str, odd))} "
+                               f"{'holds' if len(odd) == 1 else 'hold'} other weights than the rest of the "
+                               f"{len(fingerprints)} processes; checkpoint not saved")
     folder = utils.checkpoint_dir(cfg.run_dir, step)
     tmp = os.path.join(os.path.dirname(folder), ".tmp-" + os.path.basename(folder))  # the same name on every rank
     if trainer.dist.is_main:
@@ -480,14 +497,11 @@ def save_checkpoint(trainer: Trainer, step: int, export: bool) -> str:
     utils.barrier()
     if cfg.fsdp:
         save_sharded(trainer, tmp, export)
-        fingerprints = None
-    else:
-        fingerprints = utils.gather_objects(weights_fingerprint(trainer.model))
-        if trainer.dist.is_main:
-            models.save_tuned(trainer.model, tmp)
-            if trainer.ema is not None:  # in the same formats, so stock loaders read it as they read the raw ones
-                with trainer.ema_weights():
-                    models.save_tuned(trainer.model, os.path.join(tmp, models.EMA_DIR))
+    elif trainer.dist.is_main:
+        models.save_tuned(trainer.model, tmp)
+        if trainer.ema is not None:  # in the same formats, so stock loaders read it as they read the raw ones
+            with trainer.ema_weights():
+                models.save_tuned(trainer.model, os.path.join(tmp, models.EMA_DIR))
     if trainer.dist.is_main:
         optimizer = {} if cfg.fsdp else {"optimizer": trainer.optimizer.state_dict()}
         torch.save({**optimizer, "scaler": trainer.scaler.state_dict(), "rng": torch.get_rng_state()},
@@ -499,6 +513,17 @@ def save_checkpoint(trainer: Trainer, step: int, export: bool) -> str:
         os.replace(tmp, folder)
     utils.barrier()
     return folder
+
+
+class ReplicasDisagree(Exception):
+    pass
+
+
+def disagreeing_ranks(fingerprints: list[str]) -> list[int]:
+    """The ranks whose weights differ from those most ranks hold (on a tie, from rank 0's)."""
+    counts = {fingerprint: fingerprints.count(fingerprint) for fingerprint in fingerprints}
+    reference = max(counts, key=lambda fingerprint: (counts[fingerprint], fingerprint == fingerprints[0]))
+    return [rank for rank, fingerprint in enumerate(fingerprints) if fingerprint != reference]
 
 
 def weights_fingerprint(model: models.DiffusionModel) -> str:
@@ -546,22 +571,60 @@ def restore_sharded(trainer: Trainer, folder: str) -> None:
     set_state_dict(unet, trainer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
+def resume(trainer: Trainer) -> tuple[int, str | None]:
+    """The step to start from and the checkpoint it comes from (0, None for a fresh run): rank 0 looks
+    for the run dir's latest complete checkpoint, and every rank follows it."""
+    latest = utils.broadcast_from_main(lambda: utils.latest_checkpoint(trainer.cfg.run_dir))
+    if latest is None:
+        return 0, None
+    return restore_checkpoint(trainer, latest), latest
+
+
 def restore_checkpoint(trainer: Trainer, folder: str) -> int:
-    """Load weights, optimizer, RNG and position; a damaged checkpoint ends in one line."""
-    try:
-        state = torch.load(os.path.join(folder, "trainer_state.pt"), map_location="cpu", weights_only=True)
-        if trainer.cfg.fsdp:
+    """Load weights, optimizer, RNG and position into every rank's trainer; a damaged checkpoint ends in
+    one line. Rank 0 alone reads the files and sends every rank what it read, so that ranks on nodes
+    that share no filesystem resume exactly as on a shared run dir; with --fsdp each rank reads its own
+    shards, from the run dir that all of them see (checked at start)."""
+    state = utils.broadcast_from_main(lambda: read_checkpoint(trainer, folder), trainer.dist.device)
+    if trainer.cfg.fsdp:
+        with reported_as_damage(folder):
             restore_sharded(trainer, folder)
-        else:
-            models.load_tuned_into_training(trainer.model, folder)
-            if trainer.ema is not None:  # loaded into the parameters while they hold the average: fp32, exact
-                with trainer.ema_weights():
-                    models.load_tuned_into_training(trainer.model, os.path.join(folder, models.EMA_DIR))
-            trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
+    else:
+        with torch.no_grad():
+            for param, weight in zip(models.trainable_parameters(trainer.model), state["weights"]):
+                param.copy_(weight)
+            for average, weight in zip(trainer.ema or [], state["ema"]):
+                average.copy_(weight)
+        trainer.model.lora_changed()
+        trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"].cpu())
+    return state["step"]
+
+
+def read_checkpoint(trainer: Trainer, folder: str) -> dict:
+    """What every rank restores from `folder`, read on one: the step, scaler and RNG, and unsharded the
+    trainable weights, their EMA and the optimizer state (read into this rank's trainer, through the
+    loaders of their on-disk formats)."""
+    with reported_as_damage(folder):
+        state = torch.load(os.path.join(folder, "trainer_state.pt"), map_location="cpu", weights_only=True)
         with open(os.path.join(folder, "state.json")) as f:
-            return json.load(f)["step"]
+            restored = {"step": json.load(f)["step"], "scaler": state["scaler"], "rng": state["rng"]}
+        if trainer.cfg.fsdp:
+            return restored
+        models.load_tuned_into_training(trainer.model, folder)
+        if trainer.ema is not None:  # loaded into the parameters while they hold the average: fp32, exact
+            with trainer.ema_weights():
+                models.load_tuned_into_training(trainer.model, os.path.join(folder, models.EMA_DIR))
+        trainer.optimizer.load_state_dict(state["optimizer"])
+    return {**restored, "weights": [param.detach() for param in models.trainable_parameters(trainer.model)],
+            "ema": trainer.ema or [], "optimizer": trainer.optimizer.state_dict()}
+
+
+@contextlib.contextmanager
+def reported_as_damage(folder: str):
+    try:
+        yield
     except UsageError:
         raise
     except Exception as error:  # any damage: truncated file, wrong format, missing key
@@ -574,19 +637,33 @@ FAMILY_DEFAULTED = (*dict.fromkeys(flag for family in families.FAMILIES for flag
 # Fields a resume may change: they shape neither the weights nor the data order.
 MUTABLE_ON_RESUME = {"steps", "save_every", "val_every", "log_every", "wandb", "wandb_project", "device",
                      "offload_text_encoders", "export_every", "run_dir",  # a run dir may be moved or copied
+                     "require_run_dir_lock",
                      "val_metrics", "val_metrics_prompts", "val_metrics_num_prompts", "val_metrics_repeats",
                      "val_metrics_seed"}
+
+
+def recorded_run(run_dir: str) -> dict | None:
+    """The config.json of the run dir, as rank 0 reads it and every rank receives it (nodes may share no
+    filesystem: the run dir of another node may be empty, or another run's)."""
+
+    def read() -> dict | None:
+        path = os.path.join(run_dir, "config.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    return utils.broadcast_from_main(read)
 
 
 def check_same_run(cfg: TrainConfig, world_size: int) -> TrainConfig:
     """A run dir belongs to one configuration; only --steps (and logging cadence) may change on resume.
     On another number of processes the global batch is kept, by --grad-accum, or the resume is refused.
-    Runs before anything is loaded, so a mismatch costs no minutes of loading."""
-    path = os.path.join(cfg.run_dir, "config.json")
-    if not os.path.exists(path):
+    Runs before anything is loaded, so a mismatch costs no minutes of loading. Every rank decides from
+    rank 0's record, so all follow the same configuration."""
+    previous = recorded_run(cfg.run_dir)
+    if previous is None:
         return cfg
-    with open(path) as f:
-        previous = json.load(f)
     previous_world = previous.get("world_size", world_size)
     free = MUTABLE_ON_RESUME
     if world_size != previous_world:
@@ -616,8 +693,19 @@ def keep_global_batch(cfg: TrainConfig, previous: dict, previous_world: int, wor
     grad_accum = batch // per_micro_batch
     if grad_accum != cfg.grad_accum:
         utils.print0(f"resuming a {previous_world}-process run on {world_size}: --grad-accum {grad_accum} "
-                     f"keeps its global batch of {batch}")
+                     f"keeps its global batch of {batch}{resume_memory_note(cfg, previous_world, world_size)}")
     return replace(cfg, grad_accum=grad_accum)
+
+
+def resume_memory_note(cfg: TrainConfig, previous_world: int, world_size: int) -> str:
+    """What another number of processes does to each one's memory: accumulating gradients over more
+    micro-batches costs time, not memory (they add into the same buffers; sharded ones stay sharded),
+    but with --fsdp each process holds another share of the weights, gradients and optimizer state."""
+    if not cfg.fsdp:
+        return " (more micro-batches per step take more time, not more memory)"
+    return (f" (gradients stay sharded across micro-batches; each process now holds 1/{world_size} of the "
+            f"weights, gradients and Adam state instead of 1/{previous_world}: x{previous_world / world_size:.3g} "
+            "their memory per process)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,21 +717,23 @@ def build(cfg: TrainConfig, dist: utils.Dist, load_model=models.load_model, load
     cfg = resolved(cfg, models.detect_family(cfg.model))
     amp = autocast_dtype(cfg, dist.device)
     weights_dtype = amp or torch.float32  # of everything frozen; trainable weights are fp32
-    # Full fine-tuning starts from the checkpoint's own precision, then casts what stays frozen.
-    model = load_model(cfg.model, dist.device, torch.float32 if cfg.full_finetune else weights_dtype,
-                       cfg.scheduler, generation.text_encoding(cfg))
+    # What stays frozen loads in the training dtype; a full fine-tune's denoiser in fp32, whose frozen copy
+    # is then made in the training dtype (sharded unit by unit with --fsdp).
+    model = load_model(cfg.model, dist.device, weights_dtype, cfg.scheduler, generation.text_encoding(cfg),
+                       denoiser_dtype=torch.float32 if cfg.full_finetune else None)
     generation.checked_resolution(model, cfg.resolution)
+    sharded = cfg.fsdp and dist.world_size > 1
     if cfg.full_finetune:
-        models.enable_full_finetune(model, weights_dtype)
+        units, shard_base = (model.family.shard_units(model.denoiser), sharding(None)) if sharded else ((), None)
+        models.enable_full_finetune(model, weights_dtype, units, shard_base)
     else:
         models.attach_lora(model, cfg.lora_rank, cfg.lora_alpha)
     if cfg.gradient_checkpointing:
         model.pipe.vae.enable_gradient_checkpointing()
     if denoiser_checkpointing(cfg).blocks:
         model.denoiser.enable_gradient_checkpointing()
-    sharded = cfg.fsdp and dist.world_size > 1
     if sharded:
-        shard(model, amp)
+        shard(model, sharding(amp))
     reward = load_reward(cfg.reward, rewards.parse_reward_sources(cfg.reward_source), dtype=weights_dtype,
                          device=dist.device, gradient_checkpointing=cfg.gradient_checkpointing)
     params = models.trainable_parameters(model)
@@ -717,48 +807,47 @@ def baseline_val_metrics(trainer: Trainer, log: utils.JsonlLog, run) -> None:
 
 
 def run_steps(trainer: Trainer, start: int, log: utils.JsonlLog, run, val_prompts: list[str]) -> str | None:
-    """Steps `start` .. cfg.steps with logging, validation grids and checkpoints; raises Diverged.
-    Returns the last checkpoint written."""
+    """Steps `start` .. cfg.steps with logging, validation grids and checkpoints; raises Diverged and
+    ReplicasDisagree. Returns the last checkpoint written."""
     cfg, dist = trainer.cfg, trainer.dist
     bad_streak, saved = 0, None
     memory = utils.MemoryMeter(dist.device)
     if start == 0 and cfg.val_metrics and cfg.val_every:
         baseline_val_metrics(trainer, log, run)
-    bar = tqdm(total=cfg.steps, initial=start, disable=not dist.is_main, desc="train", dynamic_ncols=True)
-    for step in range(start, cfg.steps):
-        done = step + 1
-        timer = utils.Timer()
-        memory.reset_peak()
-        record = trainer.step(step)
-        seconds = timer.seconds()
-        record.update(step=done, sec_per_step=seconds, images_per_s=global_batch(cfg, dist.world_size) / seconds,
-                      peak_mem_mb=memory.peak_mb(), mem_growth_mb=memory.growth_mb())
-        bad_streak = bad_streak + 1 if record["bad"] else 0
-        if record["bad"]:
-            bar.write(f"warning: non-finite loss or gradient at step {done}; optimizer step skipped", file=sys.stderr)
-            if bad_streak >= cfg.max_bad_steps:
-                bar.close()
-                raise Diverged(f"{bad_streak} bad steps in a row at step {done}")
-        validating = bool(cfg.val_every) and (done % cfg.val_every == 0 or done == cfg.steps)
-        if validating:
-            if trainer.validates:
-                record.update(trainer.validation_grid(done, val_prompts))
-                if trainer.val_scorers:
-                    record.update(trainer.validation_metrics())
-            utils.barrier()
-        if dist.is_main:
-            log.write(record)
-            if run is not None:
-                run.log(record, step=done)
-            if validating or done == cfg.steps:
-                write_curves(log.records(), os.path.join(cfg.run_dir, "curves.png"))
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                bar.write(status_line(done, cfg.steps, record))
-        bar.update(1)
-        # Inside a run of bad steps nothing is saved, so the newest checkpoint stays a good one; the
-        # last step is always saved (a bad step changed no weight).
-        if done == cfg.steps or (bad_streak == 0 and done % cfg.save_every == 0):
-            export = done == cfg.steps or bool(cfg.export_every and done % cfg.export_every == 0)
-            saved = save_checkpoint(trainer, done, export)
-    bar.close()
+    # closed however the loop ends, so that a stop's one line is the last on the terminal
+    with tqdm(total=cfg.steps, initial=start, disable=not dist.is_main, desc="train", dynamic_ncols=True) as bar:
+        for step in range(start, cfg.steps):
+            done = step + 1
+            timer = utils.Timer()
+            memory.reset_peak()
+            record = trainer.step(step)
+            seconds = timer.seconds()
+            record.update(step=done, sec_per_step=seconds, images_per_s=global_batch(cfg, dist.world_size) / seconds,
+                          peak_mem_mb=memory.peak_mb(), mem_growth_mb=memory.growth_mb())
+            bad_streak = bad_streak + 1 if record["bad"] else 0
+            if record["bad"]:
+                bar.write(f"warning: non-finite loss or gradient at step {done}; optimizer step skipped", file=sys.stderr)
+                if bad_streak >= cfg.max_bad_steps:
+                    raise Diverged(f"{bad_streak} bad steps in a row at step {done}")
+            validating = bool(cfg.val_every) and (done % cfg.val_every == 0 or done == cfg.steps)
+            if validating:
+                if trainer.validates:
+                    record.update(trainer.validation_grid(done, val_prompts))
+                    if trainer.val_scorers:
+                        record.update(trainer.validation_metrics())
+                utils.barrier()
+            if dist.is_main:
+                log.write(record)
+                if run is not None:
+                    run.log(record, step=done)
+                if validating or done == cfg.steps:
+                    write_curves(log.records(), os.path.join(cfg.run_dir, "curves.png"))
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    bar.write(status_line(done, cfg.steps, record))
+            bar.update(1)
+            # Inside a run of bad steps nothing is saved, so the newest checkpoint stays a good one; the
+            # last step is always saved (a bad step changed no weight).
+            if done == cfg.steps or (bad_streak == 0 and done % cfg.save_every == 0):
+                export = done == cfg.steps or bool(cfg.export_every and done % cfg.export_every == 0)
+                saved = save_checkpoint(trainer, done, export)
     return saved

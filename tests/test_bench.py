@@ -60,6 +60,10 @@ def test_bench_prints_every_ratio_for_every_family():
     assert len(fsdp) == 1
     ratios = [float(v) for v in re.findall(r"= (\d+\.\d+)", fsdp[0])]
     assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios), fsdp[0]
+    startup = [line for line in lines if line.startswith("full fine-tune start-up")]
+    assert len(startup) == 1
+    ratios = [float(v) for v in re.findall(r"= (\d+\.\d+)", startup[0])]
+    assert len(ratios) == 2 and all(math.isfinite(r) and r > 0 for r in ratios), startup[0]
 
 
 def test_real_shape_bench_runs_the_real_code_path_on_the_cpu_at_reduced_shapes(tmp_path):
