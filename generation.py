@@ -156,8 +156,8 @@ def generate(
     model.scheduler.set_timesteps(settings.num_steps, device=device, **schedule)
     shape = model.latent_shape(len(prompts), settings.resolution)
     x_T = sampling.initial_latents(shape, gens, model.scheduler, device, latent_dtype)
-    base = models.base_denoiser(model, conditioning)
-    tuned = base if base_only else models.tuned_denoiser(model, conditioning)
+    base = under_autocast(models.base_denoiser(model, conditioning), model.autocast)
+    tuned = base if base_only else under_autocast(models.tuned_denoiser(model, conditioning), model.autocast)
     trajectory = sampling.sample(
         tuned, model.scheduler, x_T, num_steps=settings.num_steps, guidance_scale=settings.guidance_scale,
         eta=settings.eta, generator=gens, truncation_steps=truncation_steps,
@@ -166,6 +166,19 @@ def generate(
         lv_samples=lv_samples, checkpoint_denoiser=checkpoint_denoiser, schedule=schedule,
     )
     return models.decode(model, trajectory.latents), trajectory.kl
+
+
+def under_autocast(denoise, dtype: torch.dtype | None):
+    """The denoiser's calls, and only they, under autocast to `dtype` (None: none): prompt encoding, the
+    scheduler's arithmetic, the VAE and the rewards stay outside, in the dtypes they are made for."""
+    if dtype is None:
+        return denoise
+
+    def denoise_under_autocast(model_input, t):
+        with torch.autocast(model_input.device.type, dtype=dtype):
+            return denoise(model_input, t)
+
+    return denoise_under_autocast
 
 
 Job = tuple[int, int]  # (prompt index in its set, repeat)

@@ -72,6 +72,9 @@ class DiffusionModel:
     text: TextEncoding = field(default_factory=TextEncoding)
     # no-grad calls of a LoRA model run on merged weights, at the speed of the plain network
     merged_sampling: bool = True
+    # training's mixed precision: the denoiser's calls alone run under autocast to it (generation.generate), while
+    # the text encoders, the VAE and the rewards keep the dtypes they are made for (T5's fp32 `wo`, a bf16 judge)
+    autocast: torch.dtype | None = None
     _lora: "LoraLayers | None" = None
 
     @property
