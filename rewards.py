@@ -8,8 +8,10 @@ Rewards and where their weights come from (override any with `--reward-source NA
 - pickscore: transformers CLIPModel `yuvalkirstain/PickScore_v1`, processor of the LAION ViT-H-14;
   score = logit_scale.exp() * cosine(image, text).
 - clip_l14, clip_h14: CLIP score of `openai/clip-vit-large-patch14` / the LAION ViT-H-14, same formula.
-  For these three, PATH is a folder as `save_pretrained` writes it; its preprocessor_config.json and
-  tokenizer files are used when present, otherwise those of the hub processor (PROCESSOR_IDS).
+  For these three, PATH is a folder as `save_pretrained` writes it; its processor (preprocessor_config.json
+  or processor_config.json, and the tokenizer files) is used, or with neither, the hub processor
+  (PROCESSOR_IDS), said in a line; a folder with only one of the two is refused. Text is tokenized to
+  the text model's max_position_embeddings (77 for CLIP), whatever the tokenizer records.
 - hpsv2, hpsv21: open_clip ViT-H-14 with the HPSv2 / HPSv2.1 state dict; score = cosine.
   PATH is the .pt file.
 - aesthetic: LAION improved-aesthetic-predictor MLP on the L2-normalised OpenAI CLIP ViT-L/14 image
@@ -319,20 +321,59 @@ class ClipPreprocess(nn.Module):
         return clip_preprocess(images, self.shortest_edge, self.crop, self.mean, self.std)
 
 
+# What CLIPProcessor.save_pretrained writes, then and now: the image-processor settings in
+# preprocessor_config.json (older transformers) or inside processor_config.json (transformers 5), and the
+# tokenizer as tokenizer.json (fast) or vocab.json + merges.txt (slow).
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
 def _load_clip(name: str, source: str, dtype, gradient_checkpointing: bool):
     """(CLIPModel, processor) from a hub id or a `save_pretrained` folder."""
-    from transformers import CLIPModel, CLIPProcessor
+    from transformers import CLIPModel
 
     path = _check_local(name, source)
-    has_processor = os.path.isfile(os.path.join(path, "preprocessor_config.json"))
-    processor_source = path if has_processor else PROCESSOR_IDS[name]
+    # A folder's processor first, so that what it lacks is told before loading anything; a hub id's model first,
+    # so that a missing one is the one named.
+    processor = _clip_processor(name, source, path) if os.path.isdir(path) else None
     with _hub_errors_as_usage_errors(name, source):
         model = CLIPModel.from_pretrained(path, dtype=dtype, local_files_only=_cache_only(path))
-    with _hub_errors_as_usage_errors(name, processor_source):
-        processor = CLIPProcessor.from_pretrained(processor_source, local_files_only=_cache_only(processor_source))
+    if processor is None:
+        processor = _clip_processor(name, source, path)
     if gradient_checkpointing:
         _checkpoint_each(model.vision_model.encoder.layers)
     return model, processor
+
+
+def _clip_processor(name: str, source: str, path: str):
+    """The processor a folder holds (tokenizer and image processor, in any layout save_pretrained writes),
+    or with neither, the hub processor of PROCESSOR_IDS, said in a line; half of one is refused."""
+    from transformers import CLIPProcessor
+
+    def holds(files):
+        return any(os.path.isfile(os.path.join(path, file)) for file in files)
+
+    parts = {"image-processor config (preprocessor_config.json or processor_config.json)": holds(IMAGE_PROCESSOR_FILES),
+             "tokenizer (tokenizer.json, or vocab.json and merges.txt)": holds(TOKENIZER_FILES)}
+    if all(parts.values()):
+        with _hub_errors_as_usage_errors(name, source):
+            return CLIPProcessor.from_pretrained(path, local_files_only=True)
+    fallback = PROCESSOR_IDS[name]
+    if os.path.isdir(path):
+        missing = [part for part, held in parts.items() if not held]
+        if len(missing) == 1:
+            raise UsageError(f"cannot load reward {name!r} from {source!r}: the folder holds no {missing[0]}; save the "
+                             "model's CLIPProcessor into it (save_pretrained)")
+        try:
+            processor = CLIPProcessor.from_pretrained(fallback, local_files_only=_cache_only(fallback))
+        except OSError:
+            raise UsageError(f"cannot load reward {name!r} from {source!r}: the folder holds no tokenizer nor "
+                             f"image-processor config, and {fallback}'s, which would stand in, is neither cached nor "
+                             "reachable; save the model's CLIPProcessor into the folder (save_pretrained)") from None
+        utils.print0(f"reward {name}: {source} holds no processor; using that of {fallback}")
+        return processor
+    with _hub_errors_as_usage_errors(name, fallback):
+        return CLIPProcessor.from_pretrained(fallback, local_files_only=_cache_only(fallback))
 
 
 class ClipScore(nn.Module):
@@ -343,6 +384,9 @@ class ClipScore(nn.Module):
         self.model = model
         self.tokenizer = processor.tokenizer
         self.preprocess = ClipPreprocess(processor.image_processor)
+        # CLIP's 77 positions (the tiny test models' fewer), from the model itself: a tokenizer saved without
+        # model_max_length reports 1e30, and padding to that would never end.
+        self.max_tokens = model.config.text_config.max_position_embeddings
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         image_embeddings = _clip_image_embeddings(self.model, self.preprocess, images)
@@ -351,18 +395,20 @@ class ClipScore(nn.Module):
                 prompts,
                 padding="max_length",
                 truncation=True,
-                max_length=self.tokenizer.model_max_length,
+                max_length=self.max_tokens,
                 return_tensors="pt",
             ).to(images.device)
-            text_embeddings = F.normalize(self.model.get_text_features(**tokens).pooler_output, dim=-1)
+            text_embeddings = F.normalize(self.model.get_text_features(**tokens).pooler_output.float(), dim=-1)
         cosine = (image_embeddings * text_embeddings).sum(-1)
-        return (self.model.logit_scale.exp() * cosine).float()
+        # In float32 whatever the model's dtype: bf16 holds PickScore's logit scale 4.6052 as 4.5938, whose
+        # exp is 99 where metrics (in fp32) have 100.
+        return self.model.logit_scale.float().exp() * cosine
 
 
 def _clip_image_embeddings(model, preprocess: ClipPreprocess, images: torch.Tensor) -> torch.Tensor:
-    """L2-normalised projected image embeddings; preprocessing runs in float32 for accuracy."""
+    """L2-normalised projected image embeddings, in float32; preprocessing runs in float32 for accuracy."""
     pixel_values = preprocess(images.float()).to(model.dtype)
-    return F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+    return F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output.float(), dim=-1)
 
 
 def _load_clip_score(name: str, source: str, dtype, gradient_checkpointing: bool) -> ClipScore:
@@ -404,7 +450,7 @@ class AestheticScore(nn.Module):
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         embeddings = _clip_image_embeddings(self.model, self.preprocess, images)
-        return self.mlp(embeddings).float()
+        return self.mlp(embeddings.to(self.mlp.layers[0].weight.dtype)).float()
 
 
 def _load_aesthetic(name: str, source: str, dtype, gradient_checkpointing: bool) -> AestheticScore:
