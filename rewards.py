@@ -328,8 +328,8 @@ IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
-def _load_clip(name: str, source: str, dtype, gradient_checkpointing: bool):
-    """(CLIPModel, processor) from a hub id or a `save_pretrained` folder."""
+def _load_clip(name: str, source: str, gradient_checkpointing: bool):
+    """(CLIPModel in float32, processor) from a hub id or a `save_pretrained` folder."""
     from transformers import CLIPModel
 
     path = _check_local(name, source)
@@ -337,7 +337,8 @@ def _load_clip(name: str, source: str, dtype, gradient_checkpointing: bool):
     # so that a missing one is the one named.
     processor = _clip_processor(name, source, path) if os.path.isdir(path) else None
     with _hub_errors_as_usage_errors(name, source):
-        model = CLIPModel.from_pretrained(path, dtype=dtype, local_files_only=_cache_only(path))
+        # In float32, cast by the caller: ClipScore reads the logit scale first, which bf16 would round.
+        model = CLIPModel.from_pretrained(path, dtype=torch.float32, local_files_only=_cache_only(path))
     if processor is None:
         processor = _clip_processor(name, source, path)
     if gradient_checkpointing:
@@ -377,11 +378,14 @@ def _clip_processor(name: str, source: str, path: str):
 
 
 class ClipScore(nn.Module):
-    """logit_scale.exp() * cosine(image embedding, text embedding) of a transformers CLIPModel."""
+    """logit_scale.exp() * cosine(image embedding, text embedding) of a transformers CLIPModel, the model
+    in `dtype`, the scale and the product in float32 whatever it is: bf16 holds PickScore's logit scale
+    4.6052 as 4.5938, whose exp is 99 where metrics (in float32) have 100."""
 
-    def __init__(self, model, processor):
+    def __init__(self, model, processor, dtype=torch.float32):
         super().__init__()
-        self.model = model
+        self.scale = model.logit_scale.detach().double().exp().item()  # read before the cast
+        self.model = model.to(dtype)
         self.tokenizer = processor.tokenizer
         self.preprocess = ClipPreprocess(processor.image_processor)
         # CLIP's 77 positions (the tiny test models' fewer), from the model itself: a tokenizer saved without
@@ -399,10 +403,7 @@ class ClipScore(nn.Module):
                 return_tensors="pt",
             ).to(images.device)
             text_embeddings = F.normalize(self.model.get_text_features(**tokens).pooler_output.float(), dim=-1)
-        cosine = (image_embeddings * text_embeddings).sum(-1)
-        # In float32 whatever the model's dtype: bf16 holds PickScore's logit scale 4.6052 as 4.5938, whose
-        # exp is 99 where metrics (in fp32) have 100.
-        return self.model.logit_scale.float().exp() * cosine
+        return self.scale * (image_embeddings * text_embeddings).sum(-1)
 
 
 def _clip_image_embeddings(model, preprocess: ClipPreprocess, images: torch.Tensor) -> torch.Tensor:
@@ -412,7 +413,7 @@ def _clip_image_embeddings(model, preprocess: ClipPreprocess, images: torch.Tens
 
 
 def _load_clip_score(name: str, source: str, dtype, gradient_checkpointing: bool) -> ClipScore:
-    return ClipScore(*_load_clip(name, source, dtype, gradient_checkpointing))
+    return ClipScore(*_load_clip(name, source, gradient_checkpointing), dtype)
 
 
 # ---- LAION aesthetic predictor --------------------------------------------------------------------
@@ -461,11 +462,11 @@ def _load_aesthetic(name: str, source: str, dtype, gradient_checkpointing: bool)
             raise _cannot_load(name, source, f"the folder has no {AESTHETIC_WEIGHTS_FILE}")
     else:
         weights_file, backbone = _fetch_file(name, source), OPENAI_VIT_L14
-    model, processor = _load_clip(name, backbone, dtype, gradient_checkpointing)
+    model, processor = _load_clip(name, backbone, gradient_checkpointing)
     state_dict = torch.load(weights_file, map_location="cpu", weights_only=True)
     mlp = AestheticMLP(state_dict["layers.0.weight"].shape[1])
     mlp.load_state_dict(state_dict)
-    return AestheticScore(model, processor, mlp.to(dtype))
+    return AestheticScore(model.to(dtype), processor, mlp.to(dtype))
 
 
 # ---- HPSv2 / HPSv2.1 (open_clip) ------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """Precision regions of training: autocast wraps the denoiser alone; prompt encoders, the VAE and the rewards
 run in the dtypes they are made for (T5's fp32 `wo`, a bf16 reward), and reward scores keep their scale in bf16."""
 
+import math
+
 import pytest
 import torch
-from transformers import T5EncoderModel
+from transformers import CLIPModel, T5EncoderModel
 
 import evaluation
 import generation
 import models
 import tiny_models
+import tiny_rewards
 import training
 import utils
 
@@ -83,3 +86,40 @@ def test_a_bf16_training_step_autocasts_the_denoiser_alone(tiny_sd, tiny_clip, p
                              "reward": {False}}
     assert {p.dtype for p in trainer.reward.parameters()} == {torch.bfloat16}
     assert torch.isfinite(torch.tensor(record["loss"])) and record["grad_norm"] > 0
+
+
+# ---- CLIP scores of a bf16 reward ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip_with_real_logit_scale(tmp_path_factory):
+    """The tiny CLIP with PickScore's logit scale, ln 100 (4.6052; bf16 holds 4.5938), and weights that bf16
+    holds exactly, so that a bf16 reward and an fp32 metric differ by the arithmetic alone."""
+    folder = tiny_rewards.make_tiny_clip(str(tmp_path_factory.mktemp("clip_scale_100")))
+    model = CLIPModel.from_pretrained(folder)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.to(torch.bfloat16))
+        model.logit_scale.fill_(math.log(100))
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_logged_bf16_training_reward_is_the_metrics_pickscore(tiny_sd, clip_with_real_logit_scale, prompt_file,
+                                                              tmp_path):
+    cfg = training.TrainConfig(model=tiny_sd, reward_source=[f"pickscore={clip_with_real_logit_scale}"],
+                               prompts=prompt_file, inference_steps=3, guidance_scale=3.0, lora_rank=4, lora_alpha=8,
+                               resolution=RES, batch_size=8, mixed_precision="bf16", val_every=0, device="cpu",
+                               run_dir=str(tmp_path / "run"))
+    dist = utils.Dist(0, 1, 0, CPU)
+    trainer = training.build(cfg, dist)
+    positions = training.micro_batch_positions(trainer.cfg, 0, 0, dist)
+    prompts = [trainer.stream.prompt(p) for p in positions]
+    with torch.no_grad():  # the images of step 0, before it changes the weights
+        images, _ = trainer.rollout(prompts, [trainer.stream.noise_seed(p) for p in positions], 0)
+    logged = trainer.step(0)["reward_mean"]
+    setup = evaluation.MetricSetup(CPU, {"pickscore": clip_with_real_logit_scale}, dreamsim_cache="")
+    metric = evaluation.METRICS["pickscore"].load(setup)(evaluation.as_saved(images), prompts).double().mean().item()
+    # bf16 arithmetic (and the 8-bit rounding metrics.py scores) moves the mean of 8 scores near -15 by 0.04
+    # (measured); the logit scale rounded in bf16 (exp 99 for 100) moves it by 0.19 (measured with the old formula).
+    assert abs(logged - metric) < 0.1, (logged, metric)
