@@ -633,9 +633,13 @@ def _load_peft_adapter(model: DiffusionModel, folder: str, adapter_name: str) ->
     from safetensors.torch import load_file
 
     with open(os.path.join(folder, PEFT_CONFIG)) as f:
-        peft_type = json.load(f).get("peft_type")
+        adapter_config = json.load(f)
+    peft_type = adapter_config.get("peft_type")
     if peft_type != "LORA":
         return f"its {PEFT_CONFIG} is of a {peft_type} adapter; only LoRA adapters load"
+    if adapter_config.get("use_dora"):
+        # The merged no-grad sampler adds B @ A alone to W (LoraLayers), without DoRA's magnitude rescaling.
+        return f"its {PEFT_CONFIG} has use_dora: DoRA adapters are not supported, only plain LoRA"
     weights = os.path.join(folder, PEFT_WEIGHTS)
     if not os.path.isfile(weights):
         return f"it has {PEFT_CONFIG} but no {PEFT_WEIGHTS}"
