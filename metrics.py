@@ -64,9 +64,9 @@ from utils import UsageError
 IMAGE_FILE = re.compile(r"img_(\d+)_(\d+)\.png")
 PROMPT_FILE = re.compile(r"prompt_(\d+)\.txt")
 # Settings of generation: an --images run records none of them, as none of them shaped its images.
-GENERATION_FIELDS = ("checkpoint", "model", "weighing", "prompt_set", "num_repeats", "seed", "inference_steps",
-                     "guidance_scale", "eta", "scheduler", "sigmas", "resolution", "max_sequence_length", "no_t5",
-                     "offload_text_encoders", "lora_alpha", "raw_weights")
+GENERATION_FIELDS = ("checkpoint", "model", "protocol", "weighing", "prompt_set", "num_repeats", "seed",
+                     "inference_steps", "guidance_scale", "eta", "scheduler", "sigmas", "resolution",
+                     "max_sequence_length", "no_t5", "offload_text_encoders", "lora_alpha", "raw_weights")
 
 
 @dataclass(kw_only=True)
@@ -154,6 +154,9 @@ def generated_image_sets(cfg: MetricsConfig) -> list[ImageSet]:
 
 def folder_image_sets(cfg: MetricsConfig) -> list[ImageSet]:
     """The folder itself if it holds images, else each of its subfolders that does (anneal.py's weighings)."""
+    if cfg.protocol != "none":
+        raise UsageError(f"--images scores existing images, so --protocol {cfg.protocol}, which sets how images are "
+                         "generated, has no use; drop one of the two")
     preset = PRESETS.get(cfg.preset, {})  # a preset's generation settings do not apply to existing images
     given = [utils.flag(name) for name in ("checkpoint", "model", "weighing", "raw_weights")
              if getattr(cfg, name) and getattr(cfg, name) != preset.get(name)]
@@ -277,6 +280,7 @@ def resolved_config(cfg: MetricsConfig, names: list[str], image_sets: list[Image
 def main(cfg: MetricsConfig, hps_arch: str = rewards.HPS_ARCH) -> None:
     names, image_sets = validate(cfg)
     dist = utils.init_distributed(cfg.device)
+    generation.print_protocol(cfg)
     dtype = generation.inference_dtype(cfg.dtype, dist.device)
     cfg = replace(cfg, dtype=str(dtype).removeprefix("torch."))
     sources = rewards.parse_reward_sources(cfg.reward_source)
@@ -303,4 +307,4 @@ def main(cfg: MetricsConfig, hps_arch: str = rewards.HPS_ARCH) -> None:
 
 
 if __name__ == "__main__":
-    main(utils.cli_with_presets(MetricsConfig, PRESETS, __doc__))
+    main(utils.cli_with_presets(MetricsConfig, PRESETS, __doc__, protocols=generation.PROTOCOLS))
