@@ -657,35 +657,42 @@ def _load_imagereward(name: str, source: str, dtype, gradient_checkpointing: boo
 # makes of one user turn with an image and a text, plus the assistant header.
 QWEN_CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
              "<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n")
-# FDFO's training reward resizes every image to 504 x 504, bilinear (fdfo/rewards.py); that is also the
-# grid (18 x 28) the processor's own smart resize picks for the 512 px images FDFO evaluates.
-VLM_IMAGE_SIZE = 504
 VLM_ANSWERS = ("Yes", "No")
 
 
-def resize_for_qwen_vl(images: torch.Tensor) -> torch.Tensor:
-    """FDFO's resize: any size to 504 x 504, bilinear, in float32."""
-    return F.interpolate(images.float(), size=(VLM_IMAGE_SIZE,) * 2, mode="bilinear", align_corners=False)
+def qwen_vl_size(height: int, width: int, image_processor) -> tuple[int, int]:
+    """The size Qwen2VLImageProcessor resizes an image of this size to: its smart_resize with its own patch,
+    merge and pixel-count settings (512 px -> 504, 1024 px -> 1036 with the 7B judge's)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    return smart_resize(height, width, factor=image_processor.patch_size * image_processor.merge_size,
+                        min_pixels=image_processor.size["shortest_edge"], max_pixels=image_processor.size["longest_edge"])
+
+
+def resize_for_qwen_vl(images: torch.Tensor, image_processor) -> torch.Tensor:
+    """Float images to the processor's own size for their resolution, bicubic and antialiased as its resize, in
+    float32: the processor's resize, differentiable."""
+    return _resize_bicubic(images.float(), qwen_vl_size(*images.shape[-2:], image_processor))
 
 
 def qwen_vl_pixel_values(images: torch.Tensor, image_processor) -> torch.Tensor:
-    """Qwen2VLImageProcessor's `pixel_values` for float images [B, 3, 504, 504] in [0, 1], in torch:
-    mean/std, then its patch layout, [B * grid * grid, C * frames * patch * patch]."""
+    """Qwen2VLImageProcessor's `pixel_values` for float images [B, 3, H, W] in [0, 1] already at its size, in
+    torch: mean/std, then its patch layout, [B * grid_h * grid_w, C * frames * patch * patch]."""
     patch, merge, frames = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
     images = _normalize(images, image_processor.image_mean, image_processor.image_std)
-    batch, channels, size = images.shape[:3]
-    blocks = size // (patch * merge)
-    patches = images.reshape(batch, channels, blocks, merge, patch, blocks, merge, patch)
+    batch, channels, height, width = images.shape
+    rows, columns = height // (patch * merge), width // (patch * merge)
+    patches = images.reshape(batch, channels, rows, merge, patch, columns, merge, patch)
     # Patches go block by block, the merge x merge neighbours that the patch merger fuses next to each other;
     # each is flattened channel-major over `frames` copies of itself (a still image is a clip of equal frames).
     patches = patches.permute(0, 2, 5, 3, 6, 1, 4, 7).unsqueeze(6)
     patches = patches.expand(-1, -1, -1, -1, -1, -1, frames, -1, -1)
-    return patches.reshape(batch * (blocks * merge) ** 2, channels * frames * patch * patch)
+    return patches.reshape(batch * rows * columns * merge**2, channels * frames * patch * patch)
 
 
 class QwenJudge(nn.Module):
     """A Qwen2.5-VL model answering a yes/no question about each image: 100 * sigmoid(logit Yes - logit No)
-    at the last position, differentiable w.r.t. the images."""
+    at the last position; differentiable w.r.t. the images as a reward, FDFO's evaluation as a metric."""
 
     def __init__(self, model, processor, answer_ids: tuple[int, int]):
         super().__init__()
@@ -694,16 +701,29 @@ class QwenJudge(nn.Module):
         self.answer_ids = list(answer_ids)
 
     def forward(self, images: torch.Tensor, questions: list[str]) -> torch.Tensor:
-        resized = resize_for_qwen_vl(images)
+        """The reward: the processor's resize done in torch on the float images, so that gradients reach them."""
+        resized = resize_for_qwen_vl(images, self.processor.image_processor)
         with torch.no_grad():
-            # FDFO's processor call: its token ids, masks and image grid; its pixel values carry no graph, so
-            # ours replace them.
+            # The processor's token ids, masks and image grid; its pixel values carry no graph, so ours replace them.
             inputs = self.processor(text=[QWEN_CHAT.format(question) for question in questions], images=resized.detach(),
                                     padding=True, images_kwargs={"do_rescale": False, "do_resize": False},
                                     return_tensors="pt").to(images.device)
-        pixel_values = qwen_vl_pixel_values(resized, self.processor.image_processor).to(self.model.dtype)
+        pixel_values = qwen_vl_pixel_values(resized, self.processor.image_processor)
+        return self._score(inputs, pixel_values)
+
+    @torch.no_grad()
+    def published_scores(self, images: torch.Tensor, questions: list[str]) -> torch.Tensor:
+        """The metric, as FDFO's evaluation computes it (eval/models.py, VLM.calc_yes_no_scores on run_pipe's
+        uint8 images): the 8-bit images through the processor, which resizes them itself."""
+        pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        inputs = self.processor(text=[QWEN_CHAT.format(question) for question in questions], images=pixels,
+                                padding=True, return_tensors="pt").to(images.device)
+        return self._score(inputs, inputs["pixel_values"])
+
+    def _score(self, inputs, pixel_values: torch.Tensor) -> torch.Tensor:
         # Left padding puts every row's last token at the end.
-        hidden = self.model.model(**{**inputs, "pixel_values": pixel_values}, use_cache=False).last_hidden_state[:, -1]
+        inputs = {**inputs, "pixel_values": pixel_values.to(self.model.dtype)}
+        hidden = self.model.model(**inputs, use_cache=False).last_hidden_state[:, -1]
         return torch.sigmoid(self._yes_minus_no(hidden)) * 100
 
     def _yes_minus_no(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -725,7 +745,14 @@ class VLMScore(nn.Module):
         self.question = question
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return self.judge(images, [self.question.format(prompt=prompt) for prompt in prompts])
+        return self.judge(images, self.questions(prompts))
+
+    def published_scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """As FDFO's evaluation scores them: metrics.py's path (QwenJudge.published_scores)."""
+        return self.judge.published_scores(images, self.questions(prompts))
+
+    def questions(self, prompts: list[str]) -> list[str]:
+        return [self.question.format(prompt=prompt) for prompt in prompts]
 
 
 # Judges loaded in this process, kept while a reward uses one: vlm_alignment, vlm_quality and vlm_photo
