@@ -13,10 +13,10 @@ fine-tuned checkpoint or any annealed mix of the two, generated here or read fro
     torchrun --nproc_per_node=8 metrics.py --checkpoint runs/sd15-pickscore/checkpoints/step-0001000 \
         --metrics pickscore hpsv2 dreamsim_diversity --prompt-set hpdv2 --num-prompts 500 --num-repeats 4 \
         --out out/sd15-pickscore-hpdv2.json
-    # RTDMD's stacked SD3.5 Medium LoRAs (cold start, then RL) with its 4-step CPS sampler
-    torchrun --nproc_per_node=8 metrics.py --model stabilityai/stable-diffusion-3.5-medium \
-        --checkpoint cold_start/generator_ema.pt rl/generator_ema.pt --sampler cps --eta 0.9 \
-        --sigmas 1.0 0.9 0.75 0.5 --guidance-scale 1 --prompt-set hpdv2 --num-prompts 3200 --num-repeats 4 \
+    # RTDMD's stacked SD3.5 Medium LoRAs (cold start, then RL) sampled as RTDMD evaluates them (its 4-step
+    # CPS sampler, T5 at 128 tokens, 1024 px: --protocol rtdmd; --protocol fdfo for FDFO's checkpoints)
+    torchrun --nproc_per_node=8 metrics.py --protocol rtdmd --checkpoint cold_start/generator_ema.pt \
+        rl/generator_ema.pt --prompt-set hpdv2 --num-prompts 3200 --num-repeats 4 \
         --metrics hpsv2 clip_h14 clip_l14 dreamsim_diversity --out out/rtdmd-hpdv2.json
 
 Metrics. pickscore, hpsv2, hpsv21, aesthetic, clip_l14, clip_h14, imagereward, vlm_alignment,
