@@ -296,6 +296,10 @@ def load_for_inference(cfg: InferenceOptions, checkpoints: tuple[str, ...], devi
     unless --raw-weights) on top, applied in order. Returns
     the model and `cfg` resolved for it: the model's name, its family's defaults, the resolution."""
     recorded = next((name for name in map(models.model_name, checkpoints) if name), None)
+    protocol_model = PROTOCOLS.get(cfg.protocol, {}).get("model")
+    if recorded and cfg.model == protocol_model != recorded:
+        raise UsageError(f"checkpoint {checkpoints[0]!r} was trained from {recorded!r}, not --protocol {cfg.protocol}'s "
+                         f"{protocol_model!r}; give --model {recorded} to sample it with the protocol's other settings")
     name = cfg.model or recorded or (None if checkpoints else models.DEFAULT_MODEL)
     if name is None:
         raise UsageError(f"checkpoint {checkpoints[0]!r} does not record its base model; name it with --model")

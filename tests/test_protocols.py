@@ -160,3 +160,16 @@ def test_metrics_of_existing_images_refuse_a_protocol(tmp_path, capsys):
                                "--out", str(out), "--device", "cpu"], capsys)
     assert "--images scores existing images, so --protocol fdfo" in line, line
     assert not out.parent.exists()
+
+
+def test_a_checkpoint_of_another_base_model_is_refused_with_the_protocols_model(tiny_sd3, tmp_path, capsys):
+    checkpoint = tmp_path / "step-0000010"
+    checkpoint.mkdir()
+    utils.save_json(str(checkpoint / "config.json"), {"model": tiny_sd3})  # as training records its base model
+    out = tmp_path / "g.png"
+    line = expect_usage_error(generate.main, generate.GenerateConfig, generate.PRESETS,
+                              ["--protocol", "fdfo", "--checkpoint", str(checkpoint), *TINY, "--out", str(out)], capsys)
+    assert line == (f"error: checkpoint {str(checkpoint)!r} was trained from {tiny_sd3!r}, not --protocol fdfo's "
+                    f"'stabilityai/stable-diffusion-3.5-medium'; give --model {tiny_sd3} to sample it with the "
+                    "protocol's other settings")
+    assert not out.exists()
