@@ -297,7 +297,7 @@ def load_for_inference(cfg: InferenceOptions, checkpoints: tuple[str, ...], devi
     the model and `cfg` resolved for it: the model's name, its family's defaults, the resolution."""
     recorded = next((name for name in map(models.model_name, checkpoints) if name), None)
     protocol_model = PROTOCOLS.get(cfg.protocol, {}).get("model")
-    if recorded and cfg.model == protocol_model != recorded:
+    if protocol_model and cfg.model == protocol_model and recorded not in (None, protocol_model):
         raise UsageError(f"checkpoint {checkpoints[0]!r} was trained from {recorded!r}, not --protocol {cfg.protocol}'s "
                          f"{protocol_model!r}; give --model {recorded} to sample it with the protocol's other settings")
     name = cfg.model or recorded or (None if checkpoints else models.DEFAULT_MODEL)
