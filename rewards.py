@@ -341,9 +341,14 @@ def _load_clip(name: str, source: str, gradient_checkpointing: bool):
         model = CLIPModel.from_pretrained(path, dtype=torch.float32, local_files_only=_cache_only(path))
     if processor is None:
         processor = _clip_processor(name, source, path)
+    return checkpointed_clip(model, gradient_checkpointing), processor
+
+
+def checkpointed_clip(model, gradient_checkpointing: bool):
+    """A transformers CLIPModel whose vision layers recompute their activations in backward when asked."""
     if gradient_checkpointing:
         _checkpoint_each(model.vision_model.encoder.layers)
-    return model, processor
+    return model
 
 
 def _clip_processor(name: str, source: str, path: str):
@@ -378,14 +383,15 @@ def _clip_processor(name: str, source: str, path: str):
 
 
 class ClipScore(nn.Module):
-    """logit_scale.exp() * cosine(image embedding, text embedding) of a transformers CLIPModel, the model
-    in `dtype`, the scale and the product in float32 whatever it is: bf16 holds PickScore's logit scale
-    4.6052 as 4.5938, whose exp is 99 where metrics (in float32) have 100."""
+    """logit_scale.exp() * cosine(image embedding, text embedding) of a transformers CLIPModel, the scale
+    and the product in float32 whatever the model's dtype: bf16 holds PickScore's logit scale 4.6052 as
+    4.5938, whose exp is 99 where metrics (in float32) have 100."""
 
-    def __init__(self, model, processor, dtype=torch.float32):
+    def __init__(self, model, processor):
         super().__init__()
-        self.scale = model.logit_scale.detach().double().exp().item()  # read before the cast
-        self.model = model.to(dtype)
+        # A plain float, which casting the module leaves alone: build with the model in float32, then cast.
+        self.scale = model.logit_scale.detach().double().exp().item()
+        self.model = model
         self.tokenizer = processor.tokenizer
         self.preprocess = ClipPreprocess(processor.image_processor)
         # CLIP's 77 positions (the tiny test models' fewer), from the model itself: a tokenizer saved without
@@ -413,7 +419,7 @@ def _clip_image_embeddings(model, preprocess: ClipPreprocess, images: torch.Tens
 
 
 def _load_clip_score(name: str, source: str, dtype, gradient_checkpointing: bool) -> ClipScore:
-    return ClipScore(*_load_clip(name, source, gradient_checkpointing), dtype)
+    return ClipScore(*_load_clip(name, source, gradient_checkpointing)).to(dtype)
 
 
 # ---- LAION aesthetic predictor --------------------------------------------------------------------
