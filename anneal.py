@@ -305,6 +305,7 @@ def main(cfg: AnnealConfig) -> None:
     compared = validate(cfg)
     weighings, all_prompts = weighing_names(cfg), chosen_prompts(cfg)
     dist = utils.init_distributed(cfg.device)
+    generation.print_protocol(cfg)
     model, cfg = generation.load_for_inference(cfg, cfg.checkpoint, dist.device)
     setup = evaluation.MetricSetup(dist.device, rewards.parse_reward_sources(cfg.reward_source), dreamsim_cache="")
     scorers = evaluation.load_metrics(list(cfg.score), setup, dist)
@@ -322,4 +323,4 @@ def main(cfg: AnnealConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(utils.cli_with_presets(AnnealConfig, PRESETS, __doc__))
+    main(utils.cli_with_presets(AnnealConfig, PRESETS, __doc__, protocols=generation.PROTOCOLS))

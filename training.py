@@ -61,7 +61,8 @@ class TrainConfig(SamplerOptions, TextEncoderOptions, DeviceOption, RewardSource
     fsdp: bool = False
     # with --fsdp: also write a consolidated unet/ (SD3: transformer/) folder every this many steps (0: the final one only)
     export_every: int = 0
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # autocast dtype; auto = bf16 on GPU, none on CPU
+    # autocast dtype of the denoiser's calls (text encoders, VAE and rewards run outside it); auto = bf16 on GPU, none on CPU
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # recompute the UNet (SD3: transformer), VAE decoder and reward tower in backward to save memory: the
     # denoiser's blocks, and with K > 1 each graph call too (its blocks nested inside: one more forward per graph step)
     gradient_checkpointing: bool = False
@@ -265,7 +266,6 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     stream: PromptStream
-    amp: torch.dtype | None
     sharded: bool = False  # the UNet and its base copy are FSDP-sharded over the processes
     # --ema-decay: the moving average of the trainable weights, one fp32 tensor per parameter, in their order
     ema: list[torch.Tensor] | None = None
@@ -277,9 +277,6 @@ class Trainer:
         sharded (each call then needs them all)."""
         return self.dist.is_main or self.sharded
 
-    def autocast(self):
-        return torch.autocast(self.dist.device.type, dtype=self.amp, enabled=self.amp is not None)
-
     @property
     def computes_kl(self) -> bool:
         return self.cfg.kl_coeff > 0 or self.cfg.log_kl
@@ -290,7 +287,8 @@ class Trainer:
         cfg = self.cfg
         settings = generation.SamplerSettings(self.resolution, cfg.inference_steps, cfg.guidance_scale, cfg.eta,
                                               cfg.sigmas)
-        # Latents stay fp32 under autocast: the scheduler arithmetic is then that of fp32 sampling.
+        # Latents stay fp32, and only the denoiser's calls are autocast (model.autocast): the scheduler
+        # arithmetic is that of fp32 sampling.
         return generation.generate(self.model, prompts, seeds, settings, truncation_steps=truncation,
                                    with_kl=self.computes_kl and not base_only, base_only=base_only,
                                    lv_samples=lv_samples, checkpoint_denoiser=denoiser_checkpointing(cfg).per_call)
@@ -312,9 +310,8 @@ class Trainer:
             batch_prompts = [self.stream.prompt(p) for p in positions]
             seeds = [self.stream.noise_seed(p) for p in positions]
             truncation = truncation_for(cfg, positions[0])
-            with self.autocast():
-                images, kl = self.rollout(batch_prompts, seeds, truncation, cfg.lv_samples)
-                score = self.reward(images, batch_prompts * max(1, cfg.lv_samples))
+            images, kl = self.rollout(batch_prompts, seeds, truncation, cfg.lv_samples)
+            score = self.reward(images, batch_prompts * max(1, cfg.lv_samples))
             loss = -score.float().mean()
             if cfg.kl_coeff > 0:
                 loss = loss + cfg.kl_coeff * kl.float()
@@ -390,12 +387,11 @@ class Trainer:
     def validation_grid(self, step: int, val_prompts: list[str]):
         """Base and tuned side by side on the same noise, each captioned with its reward; rank 0 writes it."""
         seeds = [utils.derive_seed(self.cfg.seed, 3, i) for i in range(len(val_prompts))]
-        with self.autocast():
-            base_images, _ = self.rollout(val_prompts, seeds, 0, base_only=True)
-            with self.validation_weights():
-                tuned_images, _ = self.rollout(val_prompts, seeds, 0)
-            base_scores = self.reward(base_images, val_prompts).float()
-            tuned_scores = self.reward(tuned_images, val_prompts).float()
+        base_images, _ = self.rollout(val_prompts, seeds, 0, base_only=True)
+        with self.validation_weights():
+            tuned_images, _ = self.rollout(val_prompts, seeds, 0)
+        base_scores = self.reward(base_images, val_prompts).float()
+        tuned_scores = self.reward(tuned_images, val_prompts).float()
         rows = [list(pair) for pair in zip(utils.to_pil(base_images), utils.to_pil(tuned_images))]
         captions = [[f"base {b:.3g}\n{prompt}", f"tuned {t:.3g}"]
                     for prompt, b, t in zip(val_prompts, base_scores.tolist(), tuned_scores.tolist())]
@@ -421,7 +417,7 @@ class Trainer:
             return evaluation.rendered_as_saved(self.model, one_set, batch, settings, cfg.val_metrics_seed)
 
         alone = utils.Dist(0, 1, 0, self.dist.device)  # each validating process measures every prompt
-        with self.autocast(), self.validation_weights():
+        with self.validation_weights():
             records = evaluation.score_share([image_set], self.val_scorers, images_of, cfg.batch_size, alone,
                                              show_bar=False)
         results = evaluation.summarize([image_set], list(self.val_scorers), records)["draft"]["metrics"]
@@ -723,6 +719,7 @@ def build(cfg: TrainConfig, dist: utils.Dist, load_model=models.load_model, load
                        denoiser_dtype=torch.float32 if cfg.full_finetune else None)
     generation.checked_resolution(model, cfg.resolution)
     sharded = cfg.fsdp and dist.world_size > 1
+    model.autocast = amp
     if cfg.full_finetune:
         units, shard_base = (model.family.shard_units(model.denoiser), sharding(None)) if sharded else ((), None)
         models.enable_full_finetune(model, weights_dtype, units, shard_base)
@@ -734,14 +731,16 @@ def build(cfg: TrainConfig, dist: utils.Dist, load_model=models.load_model, load
         model.denoiser.enable_gradient_checkpointing()
     if sharded:
         shard(model, sharding(amp))
-    reward = load_reward(cfg.reward, rewards.parse_reward_sources(cfg.reward_source), dtype=weights_dtype,
+    # Rewards run outside autocast in their own dtype: bf16 has fp32's range, fp16 would overflow in their towers.
+    reward_dtype = torch.bfloat16 if amp == torch.bfloat16 else torch.float32
+    reward = load_reward(cfg.reward, rewards.parse_reward_sources(cfg.reward_source), dtype=reward_dtype,
                          device=dist.device, gradient_checkpointing=cfg.gradient_checkpointing)
     params = models.trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp == torch.float16)
     stream = PromptStream(prompt_sets.load_prompts(cfg.prompts), cfg.seed)
     ema = new_ema(params) if cfg.ema_decay is not None else None
-    trainer = Trainer(cfg, dist, model, reward, optimizer, scaler, stream, amp, sharded, ema)
+    trainer = Trainer(cfg, dist, model, reward, optimizer, scaler, stream, sharded, ema)
     if cfg.val_metrics and cfg.val_every and trainer.validates:
         setup = evaluation.MetricSetup(dist.device, rewards.parse_reward_sources(cfg.reward_source),
                                        dreamsim_cache="~/.cache/dreamsim")
