@@ -84,6 +84,9 @@ class TrainConfig(SamplerOptions, TextEncoderOptions, DeviceOption, RewardSource
     log_every: int = 1  # print a status line every this many steps
     max_bad_steps: int = 5  # stop after this many bad steps in a row (non-finite loss, or fp16 loss scale below 1)
     wandb: bool = False  # also log to Weights & Biases
+    # torch CPU threads of each process (0: torch's default, one per core); fewer keep a CPU run from
+    # spinning against other busy processes on the same cores
+    threads: int = 0
     wandb_project: str = "draftp"  # wandb project name
 
 
@@ -93,7 +96,7 @@ def validate(cfg: TrainConfig) -> None:
                                lora_rank=cfg.lora_rank, save_every=cfg.save_every, log_every=cfg.log_every,
                                max_bad_steps=cfg.max_bad_steps, val_prompts=cfg.val_prompts)
     generation.validate_shared_options(cfg)
-    for name in ("val_every", "warmup_steps", "lv_samples", "export_every"):
+    for name in ("val_every", "warmup_steps", "lv_samples", "export_every", "threads"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"{utils.flag(name)} must be >= 0, got {getattr(cfg, name)}")
     low, high = cfg.truncation_range or (cfg.truncation_steps, cfg.truncation_steps)
@@ -639,7 +642,7 @@ def restore_checkpoint(trainer: Trainer, folder: str) -> int:
 # (every family defaults the same flags; SD3 also the training resolution).
 FAMILY_DEFAULTED = (*models.FAMILY_DEFAULTS["sd"], "resolution")
 # Fields a resume may change: they shape neither the weights nor the data order.
-MUTABLE_ON_RESUME = {"steps", "save_every", "val_every", "log_every", "wandb", "wandb_project", "device",
+MUTABLE_ON_RESUME = {"steps", "save_every", "val_every", "log_every", "wandb", "wandb_project", "device", "threads",
                      "offload_text_encoders", "export_every", "run_dir",  # a run dir may be moved or copied
                      "val_metrics", "val_metrics_prompts", "val_metrics_num_prompts", "val_metrics_repeats",
                      "val_metrics_seed"}

@@ -55,9 +55,12 @@ def code_blocks(text: str) -> list[str]:
 
 
 def script_invocations(block: str) -> list[tuple[str, list[str]]]:
-    """(script, args) of each command of ours in a shell block, with the block's own VAR=... expanded."""
+    """(script, args) of each command of ours in a shell block, with the block's own VAR=... expanded, and
+    a loop variable (`for NAME in A B; do`) as its first value."""
     variables, found = {}, []
     for line in block.splitlines():
+        for name, first in re.findall(r"\bfor (\w+) in ([^\s;]+)", line):
+            variables[name] = first
         assignment = re.fullmatch(r"([A-Z_]+)=(.*)", line.strip())
         for name, value in variables.items():
             line = line.replace(f"${name}", value)
@@ -68,7 +71,10 @@ def script_invocations(block: str) -> list[tuple[str, list[str]]]:
             words = shlex.split(command, comments=True)
             scripts = [i for i, word in enumerate(words) if word in SCRIPTS]
             if words and re.search(r"(^|/)(python3?|torchrun)$", words[0]) and scripts:
-                found.append((words[scripts[0]], words[scripts[0] + 1:]))
+                args = words[scripts[0] + 1:]
+                # a redirection or pipe: what follows is the shell's, not the script's
+                redirected = [i for i, word in enumerate(args) if re.match(r"\d?[<>|]", word)]
+                found.append((words[scripts[0]], args[:redirected[0]] if redirected else args))
     return found
 
 

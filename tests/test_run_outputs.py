@@ -48,8 +48,8 @@ def offline_runs(run_dir) -> list[dict]:
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 run["id"] = record.run.run_id
-                point = record.run.branch_point
-                run["rewound_to"] = (point.run, point.metric, point.value) if record.run.HasField("branch_point") else None
+                point = record.run.branch_point if record.run.HasField("branch_point") else None
+                run["rewound_to"] = (point.run, point.metric, point.value) if point else None
             elif kind == "history":
                 run["rows"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                                     for item in record.history.item})
