@@ -155,6 +155,13 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.floa
                                                  **{**_components_left_out(model, text), **LOAD_KWARGS[family]})
     except Exception as error:
         raise UsageError(f"cannot load model {model!r}: {_first_line(error)}") from None
+    return prepared(pipe, family, device, scheduler, text)
+
+
+def prepared(pipe: DiffusionPipeline, family: str, device: torch.device, scheduler: str,
+             text: TextEncoding = TextEncoding()) -> DiffusionModel:
+    """A loaded (or built) pipeline made ready for sampling and training: the scheduler asked for, every
+    part frozen, on `device` (the text encoders stay on the CPU with offloading)."""
     if scheduler == "ddim":
         pipe.scheduler = ddim_from(pipe.scheduler.config)
     elif scheduler == "cps":
@@ -488,7 +495,8 @@ def _upcasts_vae(family: str, vae) -> bool:
 def _fp16_autocast_suspended(vae):
     """An fp32 VAE under fp16 autocast would run in fp16 after all."""
     device_type = vae.device.type
-    fp16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+    fp16 = (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+            and torch.get_autocast_dtype(device_type) == torch.float16)  # (the meta device has no autocast)
     with torch.autocast(device_type, enabled=False) if fp16 else contextlib.nullcontext():
         yield
 

@@ -330,9 +330,14 @@ def _load_clip(name: str, source: str, dtype, gradient_checkpointing: bool):
         model = CLIPModel.from_pretrained(path, dtype=dtype, local_files_only=_cache_only(path))
     with _hub_errors_as_usage_errors(name, processor_source):
         processor = CLIPProcessor.from_pretrained(processor_source, local_files_only=_cache_only(processor_source))
+    return checkpointed_clip(model, gradient_checkpointing), processor
+
+
+def checkpointed_clip(model, gradient_checkpointing: bool):
+    """A transformers CLIPModel whose vision layers recompute their activations in backward when asked."""
     if gradient_checkpointing:
         _checkpoint_each(model.vision_model.encoder.layers)
-    return model, processor
+    return model
 
 
 class ClipScore(nn.Module):

@@ -64,11 +64,14 @@ class TrainConfig(SamplerOptions, TextEncoderOptions, DeviceOption, RewardSource
     export_every: int = 0
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # autocast dtype; auto = bf16 on GPU, none on CPU
     # recompute the UNet (SD3: transformer), VAE decoder and reward tower in backward to save memory: the
-    # UNet per graph call, or at K = 1 (and DRaFT-LV) per block, which holds less for the same recomputation
+    # denoiser's blocks, and with K > 1 each graph call too (its blocks nested inside: one more forward per graph step)
     gradient_checkpointing: bool = False
-    # also recompute the UNet's own blocks in backward (diffusers' enable_gradient_checkpointing), so that
-    # backward holds one block's activations instead of a whole call's; with K > 1 one more forward per graph step
+    # recompute the denoiser's own blocks in backward (diffusers' enable_gradient_checkpointing) even without
+    # --gradient-checkpointing
     checkpoint_blocks: bool = False
+    # with --gradient-checkpointing at K > 1: recompute each graph call whole, without its blocks (about 5% faster,
+    # but backward holds a whole call's activations: 15 GB more for SDXL at 1024 px, see docs/performance.md)
+    checkpoint_calls_only: bool = False
     seed: int = 0  # seeds data order, noise and truncation draws; same results on any number of GPUs
     run_dir: str = "runs/draftp"  # where checkpoints, log.jsonl and validation grids go
     save_every: int = 100  # checkpoint every this many steps (and at the end)
@@ -180,16 +183,19 @@ class DenoiserCheckpointing:
 
 
 def denoiser_checkpointing(cfg: TrainConfig) -> DenoiserCheckpointing:
-    """How --gradient-checkpointing and --checkpoint-blocks recompute the denoiser in backward.
+    """How --gradient-checkpointing, --checkpoint-blocks and --checkpoint-calls-only recompute the denoiser in backward.
 
     With one graph call per rollout (K = 1, DRaFT-LV), checkpointing the blocks alone holds less than the
     per-call checkpoint (the blocks' inputs and one block's activations, not the whole call's) for the
-    same single recomputation, so --gradient-checkpointing takes it; with more, the per-call checkpoint
-    keeps memory flat in K where the blocks' inputs would pile up call by call; --checkpoint-blocks adds
-    the blocks inside it (the least memory, for a second recomputation)."""
+    same single recomputation, so --gradient-checkpointing takes it. With more, the per-call checkpoint keeps
+    memory flat in K where the blocks' inputs would pile up call by call, and the blocks are checkpointed inside
+    it: otherwise backward recomputes a whole call's activations at once, which at the real shapes is most of
+    the step's memory (memory.py: SDXL at 1024 px, K = 10, 25.7 GB against 17.6 GB; SD3.5 Large 69.9 against
+    38.3) for one more forward per graph step (about 5% of the step). --checkpoint-calls-only leaves the blocks out."""
     single_call = most_graph_calls(cfg) <= 1
+    nested_blocks = cfg.gradient_checkpointing and (single_call or not cfg.checkpoint_calls_only)
     return DenoiserCheckpointing(per_call=cfg.gradient_checkpointing and not single_call,
-                                 blocks=cfg.checkpoint_blocks or (cfg.gradient_checkpointing and single_call))
+                                 blocks=cfg.checkpoint_blocks or nested_blocks)
 
 
 def memory_warning(cfg: TrainConfig) -> str | None:
@@ -693,13 +699,15 @@ def keep_global_batch(cfg: TrainConfig, previous: dict, previous_world: int, wor
 # ---------------------------------------------------------------------------------------------
 
 
-def build(cfg: TrainConfig, dist: utils.Dist) -> Trainer:
+def build(cfg: TrainConfig, dist: utils.Dist, load_model=models.load_model, load_reward=rewards.load_reward) -> Trainer:
+    """`load_model` and `load_reward` (same arguments as the defaults) replace the loaders where the networks
+    come from elsewhere: bench.py's real shapes build them from their configs with random weights."""
     cfg = resolved(cfg, models.detect_family(cfg.model))
     amp = autocast_dtype(cfg, dist.device)
     weights_dtype = amp or torch.float32  # of everything frozen; trainable weights are fp32
     # Full fine-tuning starts from the checkpoint's own precision, then casts what stays frozen.
-    model = models.load_model(cfg.model, dist.device, torch.float32 if cfg.full_finetune else weights_dtype,
-                              cfg.scheduler, generation.text_encoding(cfg))
+    model = load_model(cfg.model, dist.device, torch.float32 if cfg.full_finetune else weights_dtype,
+                       cfg.scheduler, generation.text_encoding(cfg))
     generation.checked_resolution(model, cfg.resolution)
     if cfg.full_finetune:
         models.enable_full_finetune(model, weights_dtype)
@@ -712,8 +720,8 @@ def build(cfg: TrainConfig, dist: utils.Dist) -> Trainer:
     sharded = cfg.fsdp and dist.world_size > 1
     if sharded:
         shard(model, amp)
-    reward = rewards.load_reward(cfg.reward, rewards.parse_reward_sources(cfg.reward_source), dtype=weights_dtype,
-                                 device=dist.device, gradient_checkpointing=cfg.gradient_checkpointing)
+    reward = load_reward(cfg.reward, rewards.parse_reward_sources(cfg.reward_source), dtype=weights_dtype,
+                         device=dist.device, gradient_checkpointing=cfg.gradient_checkpointing)
     params = models.trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp == torch.float16)

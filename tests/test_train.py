@@ -400,7 +400,8 @@ def test_one_graph_call_checkpoints_the_blocks_and_more_calls_each_call():
         assert choice(gradient_checkpointing=True, **one_call) == (False, True)
         assert choice(gradient_checkpointing=True, checkpoint_blocks=True, **one_call) == (False, True)
     for calls in (dict(truncation_steps=2), dict(truncation_range=(1, 3))):
-        assert choice(gradient_checkpointing=True, **calls) == (True, False)
+        assert choice(gradient_checkpointing=True, **calls) == (True, True)
+        assert choice(gradient_checkpointing=True, checkpoint_calls_only=True, **calls) == (True, False)
         assert choice(gradient_checkpointing=True, checkpoint_blocks=True, **calls) == (True, True)
         assert choice(checkpoint_blocks=True, **calls) == (False, True)
 
