@@ -67,8 +67,17 @@ def script_invocations(block: str) -> list[tuple[str, list[str]]]:
         if assignment:
             variables[assignment[1]] = " ".join(shlex.split(line.split("=", 1)[1]))
             continue
-        for command in line.split("&&"):
-            words = shlex.split(command, comments=True)
+        try:
+            line_words = shlex.split(line, comments=True)
+        except ValueError:  # not shell (a block of Python, say)
+            continue
+        commands = [[]]
+        for word in line_words:
+            if word == "&&":
+                commands.append([])
+            else:
+                commands[-1].append(word)
+        for words in commands:
             scripts = [i for i, word in enumerate(words) if word in SCRIPTS]
             if words and re.search(r"(^|/)(python3?|torchrun)$", words[0]) and scripts:
                 args = words[scripts[0] + 1:]
