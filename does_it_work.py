@@ -1,4 +1,4 @@
-r"""The demo-world experiment of the README's "Does it work?": DRaFT+ against its KL coefficient, and
+r"""The demo-world experiment of "Does it work?" (docs/demo.md): DRaFT+ against its KL coefficient, and
 annealed guidance (AIG) of low-KL checkpoints toward the base model, on held-out prompts and seeds,
 with 95% intervals over training seeds.
 
