@@ -168,7 +168,6 @@ def trace_step(model: str, reward_backbone: str, mode: Mode) -> StepParts:
     """Build the model and reward on the meta device through the training code's loaders, encode prompts and
     trace one graph call of the denoiser, the decode and the reward at the mode's shape."""
     import models
-    import training
 
     dtype = torch.bfloat16 if mode.weight_bytes == BF16 else torch.float32
     with tempfile.TemporaryDirectory() as workdir:
@@ -185,7 +184,7 @@ def trace_step(model: str, reward_backbone: str, mode: Mode) -> StepParts:
     latents = torch.empty(shape, device="meta", dtype=dtype, requires_grad=True)
     model_input = torch.cat([latents, latents]) if mode.guided else latents
     call = models.make_denoiser(denoiser, conditioning)
-    blocks = training.shard_units(denoiser)
+    blocks = model_.family.shard_units(denoiser)
     denoiser_saved = trace_saved(lambda: call(model_input, torch.tensor(500.0, device="meta")), denoiser,
                                  checkpointed_units(blocks))
     vae = model_.pipe.vae
@@ -194,7 +193,7 @@ def trace_step(model: str, reward_backbone: str, mode: Mode) -> StepParts:
     images = torch.empty(mode.batch, 3, mode.resolution, mode.resolution, device="meta", requires_grad=True)
     clip = reward.rewards["pickscore"].model
     reward_saved = trace_saved(lambda: reward(images, prompts), clip, list(clip.vision_model.encoder.layers))
-    text = sum(shapes.parameter_count(getattr(model_.pipe, name)) for name in models.TEXT_ENCODERS
+    text = sum(shapes.parameter_count(getattr(model_.pipe, name)) for name in model_.family.text_encoders
                if getattr(model_.pipe, name, None) is not None)
     return StepParts(denoiser_saved, decode_saved, reward_saved, model_input.numel() * mode.weight_bytes,
                      denoiser_parameters, lora, targeted, max(shapes.parameter_count(b) for b in blocks), text,

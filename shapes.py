@@ -210,10 +210,11 @@ def random_weights_loader(workdir: str):
              text=None):
         family = models.detect_family(model)
         text = text or models.TextEncoding()
-        pipe = build_pipeline(model, "cpu" if text.offload else device, dtype, workdir, **models.LOAD_KWARGS[family])
-        if not text.t5 and hasattr(pipe, "text_encoder_3"):
-            pipe.text_encoder_3 = pipe.tokenizer_3 = None
-        return models.prepared(pipe, family, device, scheduler or models.FAMILY_DEFAULTS[family]["scheduler"], text)
+        pipe = build_pipeline(model, "cpu" if text.offload else device, dtype, workdir, **family.load_kwargs)
+        if not text.t5:
+            for name in family.t5_components:
+                setattr(pipe, name, None)
+        return models.prepared(pipe, family, device, scheduler or family.defaults["scheduler"], text)
 
     return load
 
