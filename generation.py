@@ -35,7 +35,8 @@ class SamplerOptions:
 
 @dataclass(kw_only=True)
 class TextEncoderOptions:
-    max_sequence_length: int = 256  # SD3: T5 tokens of a prompt (the pipeline's default; FDFO trains with 128)
+    # text tokens of a prompt; default the pipeline's: 256 T5 tokens (SD3; FDFO trains with 128), 512 Qwen3 tokens (FLUX.2)
+    max_sequence_length: int | None = None
     no_t5: bool = False  # SD3: run without the T5 encoder (zeros in its place), as diffusers allows, for memory
     offload_text_encoders: bool = False  # keep the text encoders on the CPU except while they encode (T5-XXL is 9 GB)
 

@@ -37,7 +37,8 @@ PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 @dataclass(frozen=True)
 class TextEncoding:
     """How prompts are encoded where the family has a T5 encoder (SD3) and where encoders are large."""
-    max_sequence_length: int = 256  # T5 tokens, the SD3 pipeline's default
+    # text tokens of a prompt (T5's, Qwen3's); None: the family's default, its pipeline's (256 SD3, 512 FLUX.2)
+    max_sequence_length: int | None = None
     t5: bool = True  # False: no T5 at all (zeros in its place, as the pipeline does without text_encoder_3)
     offload: bool = False  # keep the text encoders on the CPU except while they encode
 
@@ -104,7 +105,8 @@ def cache_only(model: str) -> bool:
 def detect_family(model: str) -> families.Family:
     """The family from the pipeline folder's model_index.json; a hub id is looked up the same way."""
     try:
-        class_name = DiffusionPipeline.load_config(model, local_files_only=cache_only(model))["_class_name"]
+        index = DiffusionPipeline.load_config(model, local_files_only=cache_only(model))
+        class_name = index["_class_name"]
     except Exception as error:  # hub, network and file errors alike end in one line
         if cache_only(model):
             raise UsageError(f"cannot load model {model!r}: the Hugging Face hub is unreachable from here and "
@@ -117,7 +119,7 @@ def detect_family(model: str) -> families.Family:
     family = families.of_pipeline(class_name)
     if family is None:
         raise UsageError(f"model {model!r} is a {class_name}; supported: {', '.join(families.pipeline_names())}")
-    return family
+    return family.of_checkpoint(index)
 
 
 def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.float32, scheduler: str | None = None,
@@ -126,6 +128,8 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.floa
     "cps" the CPS step on its flow-match schedule, "pipeline" keeps its own; default the family's."""
     family = detect_family(model)
     scheduler = scheduler or family.defaults["scheduler"]
+    if text.max_sequence_length is None:
+        text = replace(text, max_sequence_length=family.defaults.get("max_sequence_length"))
     quiet_loading()
     try:
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, local_files_only=cache_only(model),
@@ -175,10 +179,12 @@ class CPSScheduler(FlowMatchEulerDiscreteScheduler):
     keeps the scale sigma_next whatever eta: eta = 0 is the Euler step, eta = 1 re-noises x0 afresh."""
 
     def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
-        """Given `sigmas` are the schedule itself, already shifted (RTDMD's 1.0 0.9 0.75 0.5 are its
-        timesteps 1000 750 500 250 at shift 3): the parent class would shift them a second time."""
-        if sigmas is None:
-            return super().set_timesteps(num_inference_steps, device, mu=mu, timesteps=timesteps)
+        """Given `sigmas` are the schedule itself, already shifted (RTDMD's 1.0 0.9 0.75 0.5 are its SD3.5
+        timesteps 1000 750 500 250 at shift 3): the parent class would shift them a second time. Under
+        dynamic shifting (a `mu`) they are shifted by it as the parent does, as RTDMD shifts its FLUX.2
+        step list (compute_sigmas_flux2_klein in rtdmd/models/flux2_klein.py: 1000 750 500 250 / 1000)."""
+        if sigmas is None or (mu is not None and self.config.use_dynamic_shifting):
+            return super().set_timesteps(num_inference_steps, device, sigmas=sigmas, mu=mu, timesteps=timesteps)
         sigmas = torch.tensor([*sigmas, 0.0], dtype=torch.float32, device=device)
         self.timesteps = sigmas[:-1] * self.config.num_train_timesteps
         self.sigmas = sigmas
