@@ -35,7 +35,10 @@ RES = 32  # 8 x 8 latent tokens: the tiny VAE halves the side, the 2x2 patchify 
 STEPS = 4
 GUIDANCE = 4.0
 CPU = torch.device("cpu")
-IMAGE_TOLERANCE = 2 / 255
+# Training tests encode 64 Qwen3 tokens, not the pipeline's 512: the chat-templated prompts take ~40,
+# and the 28 tiny Qwen3 layers over 512 tokens would be most of each step.
+TRAIN_TEXT = {"max_sequence_length": 64}
+IMAGE_TOLERANCE = 1e-5  # the issue asks 2/255; the same arithmetic in the same order gives ~1e-6
 # The layers RTDMD puts its FLUX.2-klein LoRA on (configs/rtdmd/flux2_4b.yaml: generator_lora.target_modules),
 # its per-block single-stream outputs cut to the tiny model's two single blocks.
 RTDMD_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
@@ -229,7 +232,7 @@ def test_lv_renoises_x0_with_scale_noise_to_the_last_sigma(tiny_klein):
 
 @pytest.fixture(scope="module")
 def trained(tiny_klein, tiny_clip, tmp_path_factory):
-    return trained_on_a_fixed_batch(tiny_klein, tiny_clip, tmp_path_factory.mktemp("run"))
+    return trained_on_a_fixed_batch(tiny_klein, tiny_clip, tmp_path_factory.mktemp("run"), **TRAIN_TEXT)
 
 
 def test_training_steps_raise_the_reward_of_a_fixed_batch(trained):
@@ -239,7 +242,6 @@ def test_training_steps_raise_the_reward_of_a_fixed_batch(trained):
 
 def test_saved_lora_loads_into_the_stock_klein_pipeline_and_reproduces_our_images(trained, tiny_klein, tmp_path):
     trainer = trained[0]
-    assert trainer.cfg.max_sequence_length == 512
     models.save_tuned(trainer.model, str(tmp_path))
     layers = {key.removeprefix("transformer.").rsplit(".lora_", 1)[0] for key in load_file(tmp_path / models.LORA_FILE)}
     # diffusers' klein LoRA script's layers: the double blocks' image attention, and each single block's
@@ -247,15 +249,15 @@ def test_saved_lora_loads_into_the_stock_klein_pipeline_and_reproduces_our_image
     assert layers == {*(f"transformer_blocks.0.attn.{name}" for name in ("to_q", "to_k", "to_v", "to_out.0")),
                       *(f"single_transformer_blocks.{i}.attn.{name}" for i in range(2)
                         for name in ("to_qkv_mlp_proj", "to_out"))}
-    plain = stock_output(stock_pipeline(tiny_klein))
+    plain = stock_output(stock_pipeline(tiny_klein), **TRAIN_TEXT)
     stock_pipe = stock_pipeline(tiny_klein, lora=str(tmp_path))
-    stock = stock_output(stock_pipe)
+    stock = stock_output(stock_pipe, **TRAIN_TEXT)
     assert max_difference(stock, plain) > 1e-2  # the LoRA changes the images
     trainer.model.merged_sampling = False  # through the LoRA layers, which are peft's
-    assert max_difference(our_images(trainer.model), stock) <= 1e-5
+    assert max_difference(our_images(trainer.model), stock) <= IMAGE_TOLERANCE
     trainer.model.merged_sampling = True
     stock_pipe.fuse_lora()  # our sampler's merged weights are peft's own merge
-    assert max_difference(our_images(trainer.model), stock_output(stock_pipe)) <= 1e-5
+    assert max_difference(our_images(trainer.model), stock_output(stock_pipe, **TRAIN_TEXT)) <= IMAGE_TOLERANCE
 
     resumed = models.load_model(tiny_klein, CPU)
     models.attach_lora(resumed, trainer.cfg.lora_rank, trainer.cfg.lora_alpha)
@@ -266,7 +268,8 @@ def test_saved_lora_loads_into_the_stock_klein_pipeline_and_reproduces_our_image
 
 @pytest.mark.parametrize("truncation", [1, 2])
 def test_block_checkpointing_gives_the_same_gradients(tiny_klein, tiny_clip, tmp_path, truncation):
-    (plain_trainer, plain), *others = gradients_by_checkpointing(tiny_klein, tiny_clip, tmp_path, truncation)
+    (plain_trainer, plain), *others = gradients_by_checkpointing(tiny_klein, tiny_clip, tmp_path, truncation,
+                                                                 **TRAIN_TEXT)
     assert plain.abs().max() > 0
     for trainer, other in others:
         cfg = trainer.cfg
@@ -277,7 +280,7 @@ def test_block_checkpointing_gives_the_same_gradients(tiny_klein, tiny_clip, tmp
 
 
 def test_full_finetune_saves_a_transformer_folder(tiny_klein, tiny_clip, tmp_path):
-    cfg = train_config(tiny_klein, tiny_clip, tmp_path, full_finetune=True, batch_size=2, lr=1e-3)
+    cfg = train_config(tiny_klein, tiny_clip, tmp_path, full_finetune=True, batch_size=2, lr=1e-3, **TRAIN_TEXT)
     trainer = training.build(cfg, utils.init_distributed("cpu"))
     trainer.step(0)
     folder = training.save_checkpoint(trainer, 1, export=True)
