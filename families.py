@@ -30,6 +30,9 @@ class Guidance(NamedTuple):
 
 
 class Family:
+    """The base class, SD's UNet path: a family sets the class attributes below and overrides the methods
+    where its pipeline differs. Families hold no state; `model` carries everything loaded."""
+
     name: ClassVar[str]  # recorded and shown in messages: "sd", "sdxl", "sd3"
     label: ClassVar[str]  # the family's name for people: "SD", "SDXL", "SD3"
     pipelines: ClassVar[tuple[str, ...]]  # the model_index.json `_class_name`s of this family
@@ -48,9 +51,10 @@ class Family:
     def __repr__(self) -> str:
         return f"<{self.label} family>"
 
-    def of_checkpoint(self, index: dict) -> "Family":
-        """This family as it applies to the checkpoint whose model_index.json is `index` (a family whose
-        defaults depend on the checkpoint's config returns an instance made for it)."""
+    def for_checkpoint(self, model: str) -> "Family":
+        """The family as checkpoint `model` (folder or hub id) sets it up, read before the pipeline loads:
+        here the same for all. A family whose checkpoints differ in their real-use defaults (a
+        guidance-distilled one, told by its config) returns an instance holding that checkpoint's."""
         return self
 
     # -- options
@@ -243,7 +247,12 @@ class Flux2Klein(Family):
         self.distilled = distilled
         self.defaults = self.distilled_defaults if distilled else type(self).defaults
 
-    def of_checkpoint(self, index: dict) -> "Flux2Klein":
+    def for_checkpoint(self, model: str) -> "Flux2Klein":
+        """The base or the distilled model, as `is_distilled` in its model_index.json says (which
+        detect_family has just read: the folder or the hub cache holds it)."""
+        from diffusers import DiffusionPipeline
+
+        index = DiffusionPipeline.load_config(model, local_files_only=True)
         return Flux2Klein(distilled=bool(index.get("is_distilled", False)))
 
     def validate(self, cfg) -> None:
@@ -330,7 +339,8 @@ class Flux2Klein(Family):
 def _fp16_autocast_suspended(vae):
     """An fp32 VAE under fp16 autocast would run in fp16 after all."""
     device_type = vae.device.type
-    fp16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+    fp16 = (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+            and torch.get_autocast_dtype(device_type) == torch.float16)  # (the meta device has no autocast)
     with torch.autocast(device_type, enabled=False) if fp16 else contextlib.nullcontext():
         yield
 
