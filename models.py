@@ -132,8 +132,6 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.floa
     in fp32 while what stays frozen loads in the training dtype, never in fp32 first)."""
     family = detect_family(model)
     scheduler = scheduler or family.defaults["scheduler"]
-    if text.max_sequence_length is None:
-        text = replace(text, max_sequence_length=family.defaults.get("max_sequence_length"))
     dtypes = {"default": dtype, family.denoiser_name: denoiser_dtype} if denoiser_dtype else dtype
     quiet_loading()
     try:
@@ -147,7 +145,10 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.floa
 def prepared(pipe: DiffusionPipeline, family: families.Family, device: torch.device, scheduler: str,
              text: TextEncoding = TextEncoding()) -> DiffusionModel:
     """A loaded (or built) pipeline made ready for sampling and training: the scheduler asked for, every
-    part frozen, on `device` (the text encoders stay on the CPU with offloading)."""
+    part frozen, on `device` (the text encoders stay on the CPU with offloading), the text length the
+    family's when none is asked for."""
+    if text.max_sequence_length is None:
+        text = replace(text, max_sequence_length=family.defaults.get("max_sequence_length"))
     if scheduler == "ddim":
         pipe.scheduler = ddim_from(pipe.scheduler.config)
     elif scheduler == "cps":

@@ -12,54 +12,24 @@ import os
 
 import torch
 
+import shapes
+
 QWEN_HIDDEN = 16
 OUT_LAYERS = 3  # the pipeline stacks the hidden states of three layers: (9, 18, 27)
 LATENT_CHANNELS = 4  # the VAE's; the transformer sees them patchified 2x2, 16 channels
-# Qwen3's template, cut to what Flux2KleinPipeline asks of it: one user turn, the generation
-# prompt, and the empty thinking block that `enable_thinking=False` adds.
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
-    "{%- endif %}"
-)
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 # FLUX.2-klein-4B's scheduler_config.json (FLUX.2-dev's too): dynamic shifting, whose mu the
 # pipeline computes itself (compute_empirical_mu), so base and max shift never apply.
 KLEIN_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
                        max_image_seq_len=4096, base_shift=0.5, max_shift=1.15, time_shift_type="exponential")
 
 
-def make_qwen_tokenizer(folder: str):
-    """A byte-level BPE with no merges (one token per byte) and Qwen's special tokens, as a
-    Qwen2TokenizerFast with the chat template, saved as the tokenizer folder of the real klein."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import Qwen2TokenizerFast
-
-    alphabet = sorted(ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = Qwen2TokenizerFast(tokenizer_object=backend, unk_token=None, bos_token=None,
-                                   eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=SPECIAL_TOKENS[1:])
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.model_max_length = 131072
-    tokenizer.save_pretrained(folder)
-    return Qwen2TokenizerFast.from_pretrained(folder)
-
-
 def make_tiny_flux2(folder: str, distilled: bool = False, seed: int = 0) -> str:
     """A FLUX.2 [klein] pipeline folder: the base model (real CFG), or with `distilled` the
     step-distilled one, whose model_index.json says `is_distilled` and whose pipeline then never guides."""
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-    tokenizer = make_qwen_tokenizer(os.path.join(folder, "tokenizer"))
+    tokenizer = Qwen2TokenizerFast.from_pretrained(shapes.write_qwen_tokenizer(os.path.join(folder, "tokenizer")))
     torch.manual_seed(seed)
     transformer = Flux2Transformer2DModel(
         patch_size=1,
