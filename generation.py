@@ -22,16 +22,21 @@ from utils import UsageError
 
 @dataclass(kw_only=True)
 class SamplerOptions:
-    inference_steps: int | None = None  # sampler steps N; default 50 (SD, SDXL), 40 (SD3, as FDFO), len(--sigmas)
-    # classifier-free guidance scale (1 turns guidance off); default 7.5 (SD, SDXL), 4.5 (SD3; FDFO's no-CFG checkpoints need 1)
+    # sampler steps N; default 50 (SD, SDXL, FLUX.2 [klein] base), 40 (SD3, as FDFO), 4 (klein distilled), len(--sigmas)
+    inference_steps: int | None = None
+    # classifier-free guidance scale (1 turns guidance off); default 7.5 (SD, SDXL), 4.5 (SD3; FDFO's no-CFG checkpoints
+    # need 1), 4 (FLUX.2 [klein] base; its distilled models take none)
     guidance_scale: float | None = None
     # eta of DDIM (0 deterministic, 1 DDPM-like noise) and of cps (0 is the Euler step; RTDMD samples with 0.9); others ignore it
     eta: float = 0.0
-    # ddim: DDIM built from the pipeline's config (SD, SDXL default); pipeline: its own (SD3 default: flow-match Euler with
-    # its shift); cps: RTDMD's coefficients-preserving step on the flow-match schedule (SD3; with --eta, --sigmas)
+    # ddim: DDIM built from the pipeline's config (SD, SDXL default); pipeline: its own (SD3, FLUX.2 default: flow-match
+    # Euler with its shift); cps: RTDMD's coefficients-preserving step on the flow-match schedule (with --eta, --sigmas)
     scheduler: Annotated[Literal["ddim", "pipeline", "cps"] | None, tyro.conf.arg(aliases=("--sampler",))] = None
-    sigmas: tuple[float, ...] = ()  # cps only: the sigma schedule as given, already shifted, e.g. RTDMD's 1.0 0.9 0.75 0.5
-    resolution: int | None = None  # image side in pixels; default from the model config (512 for SD 1.5); SD3 trains at 512
+    # cps only: the sigma schedule as given, already shifted, e.g. RTDMD's SD3.5 1.0 0.9 0.75 0.5; under dynamic
+    # shifting (FLUX.2) shifted by the pipeline's mu, as the pipeline's sigmas, e.g. RTDMD's FLUX.2 1.0 0.75 0.5 0.25
+    sigmas: tuple[float, ...] = ()
+    # image side in pixels; default from the model config (512 for SD 1.5); SD3 and FLUX.2 [klein] train at 512
+    resolution: int | None = None
 
 
 @dataclass(kw_only=True)
