@@ -73,13 +73,21 @@ PROTOCOLS = {
     # step with eta 0.9 on timesteps 1000 750 500 250 at shift 3, no CFG, T5 at 128 tokens, LoRA alpha 64.
     "rtdmd": dict(model=SD35_MEDIUM, scheduler="cps", sigmas=(1.0, 0.9, 0.75, 0.5), eta=0.9, guidance_scale=1.0,
                   resolution=1024, max_sequence_length=128, lora_alpha=models.RTDMD_LORA_ALPHA, dtype="bfloat16"),
+    # RTDMD's FLUX.2-klein-4B release: configs/inference/flux2_4b.yaml run by rtdmd/inference.py: the distilled
+    # klein 4B in bf16 at 1024 px, the CPS step with eta 0.9 on timesteps 1000 750 500 250 / 1000, shifted by the
+    # pipeline's mu (rtdmd/models/flux2_klein.py compute_sigmas_flux2_klein; the cps step does it with dynamic
+    # shifting), no CFG, 512 Qwen3 tokens (that file's encode_prompts_flux2_klein), LoRA alpha 64.
+    "rtdmd-flux2": dict(model="black-forest-labs/FLUX.2-klein-4B", scheduler="cps", sigmas=(1.0, 0.75, 0.5, 0.25),
+                        eta=0.9, guidance_scale=1.0, resolution=1024, max_sequence_length=512,
+                        lora_alpha=models.RTDMD_LORA_ALPHA, dtype="bfloat16"),
 }
 
 
 @dataclass(kw_only=True)
 class ProtocolOption:
     # a published system's evaluation settings in one flag (generation.PROTOCOLS, printed at start): fdfo (SD3.5 Medium,
-    # 40 steps, guidance 1, 512 px) or rtdmd (its 4-step cps sampler at 1024 px); a flag given beside it wins, said in a line
+    # 40 steps, guidance 1, 512 px), rtdmd (its 4-step cps sampler at 1024 px) or rtdmd-flux2 (the same on FLUX.2-klein-4B);
+    # a flag given beside it wins, said in a line
     protocol: Literal["none", *PROTOCOLS] = "none"
 
 

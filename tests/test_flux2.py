@@ -26,6 +26,7 @@ import training
 import utils
 from conftest import ROOT
 from test_anneal import write_lora_checkpoint
+from test_protocols import TINY, grid_pixels, run_generate
 from test_sd3 import counting, max_difference, perturbed_lora_model, run_generate_expecting_usage_error
 from test_sdxl import (assert_linear_lies_between_base_and_draft, gradients_by_checkpointing,
                        metrics_of_base_and_tuned, train_config, trained_on_a_fixed_batch, write_full_checkpoint)
@@ -426,6 +427,21 @@ def test_rtdmd_flux2_lora_state_dict_samples_as_its_merged_weights_with_cps(tiny
         "--eta", "0.9", "--sigmas", *map(str, RTDMD_STEP_SIGMAS), "--side-by-side", "--prompt", *PROMPTS,
         "--num-images", "2", "--resolution", str(RES), "--device", "cpu", "--out", str(out)]))
     assert out.exists() and "2 prompts x 2 seeds x base, draft" in capsys.readouterr().out
+
+
+def test_rtdmd_flux2_protocol_is_rtdmds_flux2_inference_and_draws_the_images_of_its_flags(tiny_klein_distilled,
+                                                                                          tmp_path, capsys):
+    settings = generation.PROTOCOLS["rtdmd-flux2"]
+    # configs/inference/flux2_4b.yaml: the model, dtype, image_resolution, denoising_step_list / 1000, cps_eta,
+    # guidance_scale, lora_alpha; rtdmd/models/flux2_klein.py: 512 tokens
+    assert settings == dict(model="black-forest-labs/FLUX.2-klein-4B", dtype="bfloat16", resolution=1024,
+                            scheduler="cps", sigmas=tuple(s / 1000 for s in (1000, 750, 500, 250)), eta=0.9,
+                            guidance_scale=1.0, lora_alpha=64.0, max_sequence_length=512)
+    common = ["--model", tiny_klein_distilled, "--prompt", *PROMPTS, "--num-images", "1", *TINY]
+    run_generate([*common, "--protocol", "rtdmd-flux2", "--out", str(tmp_path / "protocol.png")], capsys)
+    run_generate([*common, "--sampler", "cps", "--eta", "0.9", "--sigmas", *map(str, RTDMD_STEP_SIGMAS),
+                  "--out", str(tmp_path / "flags.png")], capsys)
+    assert torch.equal(grid_pixels(tmp_path / "protocol.png"), grid_pixels(tmp_path / "flags.png"))
 
 
 # ---------------------------------------------------------------------------------------------
