@@ -390,7 +390,9 @@ class ClipScore(nn.Module):
     def __init__(self, model, processor):
         super().__init__()
         # A plain float, which casting the module leaves alone: build with the model in float32, then cast.
-        self.scale = model.logit_scale.detach().double().exp().item()
+        scale = model.logit_scale.detach().double().exp()
+        # (memory.py traces shapes on the meta device, where the scale has no value to read)
+        self.scale = scale if scale.is_meta else scale.item()
         self.model = model
         self.tokenizer = processor.tokenizer
         self.preprocess = ClipPreprocess(processor.image_processor)
