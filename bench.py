@@ -264,9 +264,16 @@ def step_name(steps: int, truncation: int, checkpointing: str) -> str:
     return f"N={steps} K={truncation}" + CHECKPOINTING_NAMES[checkpointing]
 
 
+def takes_reference(model: str) -> bool:
+    """Whether trl's trainer takes the model: it builds StableDiffusionPipelines (SD 1.x/2.x) only."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.load_config(model)["_class_name"] == "StableDiffusionPipeline"
+
+
 def report(bench: BenchConfig, family: str, model: str, clip: str) -> None:
-    # trl's trainer takes SD 1.x/2.x pipelines only
-    with_reference = family == "SD" and importlib.util.find_spec("trl") is not None
+    reference_fits = takes_reference(model)
+    with_reference = reference_fits and importlib.util.find_spec("trl") is not None
     print(f"tiny {family} at {bench.resolution}px, batch {bench.batch_size}, CFG {bench.guidance_scale}, "
           f"LoRA rank {bench.lora_rank}, {torch.get_num_threads()} threads; median [range] of "
           f"{bench.repeats} interleaved rounds", flush=True)
@@ -288,7 +295,7 @@ def report(bench: BenchConfig, family: str, model: str, clip: str) -> None:
     print(f"(c) peak memory growth N=50 K=10 checkpointed {k10_steps:.1f} MB / K=1 {k1_n50:.1f} MB = "
           f"{k10_steps / k1_n50:.3f}; with blocks {k10_blocks:.1f} MB = {k10_blocks / k1_n50:.3f}; "
           f"without checkpointing {k10:.1f} MB = {k10 / k1_n50:.3f}", flush=True)
-    if family == "SD" and not with_reference:
+    if reference_fits and not with_reference:
         print("(r) no reference: trl is not installed (pip install trl==0.23.1)", flush=True)
     if with_reference:
         report_reference(timings, memory)

@@ -1,5 +1,5 @@
-"""Prompts and seeds to images: the glue between models.py (family-specific) and sampling.py
-(family-free), shared by training rollouts, annealed sampling, grids and metrics."""
+"""Prompts and seeds to images: the glue between models.py and families.py (family-specific) and
+sampling.py (family-free), shared by training rollouts, annealed sampling, grids and metrics."""
 
 from dataclasses import dataclass, field, fields, replace
 from typing import Annotated, Iterator, Literal, Mapping
@@ -8,6 +8,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
+import families
 import models
 import rewards
 import sampling
@@ -91,20 +92,13 @@ def validate_sigmas(cfg: SamplerOptions) -> None:
                          "leave it out")
 
 
-def with_family_defaults(cfg, family: str):
-    """`cfg` with every unset (None) field that has a default for `family` filled in (see
-    models.FAMILY_DEFAULTS), and the options that do not fit the family refused."""
-    defaults = {**models.FAMILY_DEFAULTS[family], **({"inference_steps": len(cfg.sigmas)} if cfg.sigmas else {})}
+def with_family_defaults(cfg, family: families.Family):
+    """`cfg` with every unset (None) field that has a default for `family` filled in (its `defaults`),
+    and the options that do not fit the family refused."""
+    defaults = {**family.defaults, **({"inference_steps": len(cfg.sigmas)} if cfg.sigmas else {})}
     cfg = replace(cfg, **{f.name: defaults[f.name] for f in fields(cfg)
                           if f.name in defaults and getattr(cfg, f.name) is None})
-    flow = family in models.FLOW_FAMILIES
-    if cfg.scheduler == "cps" and not flow:
-        raise UsageError(f"--sampler cps is a step for flow-matching models (SD3); this model is {family}")
-    if cfg.scheduler == "ddim" and flow:
-        raise UsageError("--scheduler ddim is for SD and SDXL; this flow-matching model samples with its "
-                         "pipeline scheduler (the default) or cps")
-    if isinstance(cfg, TextEncoderOptions) and cfg.no_t5 and family != "sd3":
-        raise UsageError(f"--no-t5: this model ({family}) has no T5 encoder")
+    family.validate(cfg)
     return cfg
 
 
@@ -148,10 +142,11 @@ def generate(
     the KL when asked. x_T of sample b depends on seeds[b] alone, so any batching or world size
     gives the same images. `weighing` draws an annealed mix; `base_only` the pretrained model."""
     device = model.denoiser.device
-    conditioning = models.encode_prompts(model, prompts, sampling.uses_guidance(settings.guidance_scale),
-                                         settings.resolution)
+    guidance = model.family.guidance(model, settings)
+    conditioning = models.encode_prompts(model, prompts, sampling.uses_guidance(guidance.cfg_scale),
+                                         settings.resolution, guidance.embedded)
     gens = utils.generators(seeds, device)
-    schedule = models.schedule_kwargs(model, settings.resolution, settings.sigmas)
+    schedule = models.schedule_kwargs(model, settings.resolution, settings.sigmas, settings.num_steps)
     # Euler's init_noise_sigma depends on the timesteps, which the pipelines set before drawing x_T.
     model.scheduler.set_timesteps(settings.num_steps, device=device, **schedule)
     shape = model.latent_shape(len(prompts), settings.resolution)
@@ -159,7 +154,7 @@ def generate(
     base = models.base_denoiser(model, conditioning)
     tuned = base if base_only else models.tuned_denoiser(model, conditioning)
     trajectory = sampling.sample(
-        tuned, model.scheduler, x_T, num_steps=settings.num_steps, guidance_scale=settings.guidance_scale,
+        tuned, model.scheduler, x_T, num_steps=settings.num_steps, guidance_scale=guidance.cfg_scale,
         eta=settings.eta, generator=gens, truncation_steps=truncation_steps,
         base=base if (with_kl or weighing) else None,
         weighing=sampling.parse_weighing(weighing) if weighing else None,

@@ -1,4 +1,4 @@
-"""Loading diffusers pipelines, the per-family denoiser, prompt encoding, VAE decoding, the
+"""Loading diffusers pipelines (each family's particulars are in families.py), the denoisers, the
 trainable part (LoRA through peft, or a full fine-tune with a frozen copy as the base), and the
 tuned weights of other systems (FDFO's PEFT adapters, RTDMD's LoRA state dicts) as inputs."""
 
@@ -17,6 +17,7 @@ from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchE
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from diffusers.utils.torch_utils import randn_tensor
 
+import families
 import utils
 from utils import UsageError
 
@@ -24,36 +25,13 @@ from utils import UsageError
 warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-_UNET_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
-# SD3's joint attention, as FDFO and RTDMD (and diffusers' SD3 LoRA script) target it: the image and
-# the text projections of each block's `attn`; the second image-only `attn2` of SD3.5's
-# dual-attention blocks stays untouched, as in both.
-LORA_TARGETS = {"sd": _UNET_ATTENTION, "sdxl": _UNET_ATTENTION,
-                "sd3": [f"attn.{name}" for name in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
-                                                    "add_v_proj", "to_add_out")]}
 LORA_FILE = "pytorch_lora_weights.safetensors"
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
-# The pipeline attribute holding each family's network; a full fine-tune is saved in a folder of that name.
-DENOISERS = {"sd": "unet", "sdxl": "unet", "sd3": "transformer"}
-FULL_UNET_DIR = DENOISERS["sd"]
+FULL_UNET_DIR = families.SD.denoiser_name
 SHARDED_DIR = "sharded"  # a --fsdp checkpoint's torch.distributed.checkpoint of the denoiser and optimizer
 EMA_DIR = "ema"  # a --ema-decay checkpoint's moving average of the tuned weights, in the formats of the raw ones
-FLOW_FAMILIES = {"sd3"}  # the network predicts a velocity; the scheduler is flow matching
-# Keyword arguments of from_pretrained that only some pipeline classes accept (others would warn).
-LOAD_KWARGS = {"sd": {"safety_checker": None, "requires_safety_checker": False}, "sdxl": {}, "sd3": {}}
-# Defaults of real use that depend on the family, for the flags left unset (None): SD and SDXL as
-# NeMo-Aligner's DRaFT+; SD3 as FDFO samples (40 steps; CFG 4.5, its eval/models.py run_pipe default)
-# and as FDFO and RTDMD train (LoRA rank 32, alpha 64, 512 px).
-FAMILY_DEFAULTS = {
-    "sd": dict(scheduler="ddim", inference_steps=50, guidance_scale=7.5, lora_rank=32, lora_alpha=32.0),
-    "sdxl": dict(scheduler="ddim", inference_steps=50, guidance_scale=7.5, lora_rank=32, lora_alpha=32.0),
-    "sd3": dict(scheduler="pipeline", inference_steps=40, guidance_scale=4.5, lora_rank=32, lora_alpha=64.0,
-                train_resolution=512),
-}
 # LoRA state dicts saved with torch.save (RTDMD's) do not record alpha; RTDMD trains and loads with 64.
 RTDMD_LORA_ALPHA = 64.0
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 @dataclass(frozen=True)
@@ -67,7 +45,7 @@ class TextEncoding:
 @dataclass
 class DiffusionModel:
     pipe: DiffusionPipeline  # tokenizers, text encoders, VAE, scheduler and the (tuned) denoiser
-    family: str
+    family: families.Family
     frozen_base: torch.nn.Module | None = None  # full fine-tuning only; with LoRA the base is adapters-off
     text: TextEncoding = field(default_factory=TextEncoding)
     # no-grad calls of a LoRA model run on merged weights, at the speed of the plain network
@@ -76,11 +54,11 @@ class DiffusionModel:
 
     @property
     def denoiser_name(self) -> str:
-        return DENOISERS[self.family]
+        return self.family.denoiser_name
 
     @property
     def denoiser(self) -> torch.nn.Module:
-        """The network: the UNet of SD and SDXL, the MMDiT transformer of SD3."""
+        """The network: the UNet of SD and SDXL, the MMDiT transformer of SD3 (the family's denoiser_name)."""
         return getattr(self.pipe, self.denoiser_name)
 
     @property
@@ -109,15 +87,13 @@ class DiffusionModel:
         return bool(getattr(self.denoiser, "peft_config", None))
 
     def default_resolution(self) -> int:
-        return self.denoiser.config.sample_size * self.pipe.vae_scale_factor
+        return self.family.default_resolution(self)
 
     def resolution_multiple(self) -> int:
-        """Image sides must divide into latent pixels, and those into the transformer's patches."""
-        return self.pipe.vae_scale_factor * getattr(self.denoiser.config, "patch_size", 1)
+        return self.family.resolution_multiple(self)
 
     def latent_shape(self, batch: int, resolution: int) -> tuple[int, ...]:
-        side = resolution // self.pipe.vae_scale_factor
-        return (batch, self.denoiser.config.in_channels, side, side)
+        return self.family.latent_shape(self, batch, resolution)
 
 
 def cache_only(model: str) -> bool:
@@ -125,7 +101,7 @@ def cache_only(model: str) -> bool:
     return not os.path.isdir(model) and not utils.hub_reachable()
 
 
-def detect_family(model: str) -> str:
+def detect_family(model: str) -> families.Family:
     """The family from the pipeline folder's model_index.json; a hub id is looked up the same way."""
     try:
         class_name = DiffusionPipeline.load_config(model, local_files_only=cache_only(model))["_class_name"]
@@ -138,9 +114,10 @@ def detect_family(model: str) -> str:
             f"cannot load model {model!r} ({_first_line(error)}); give a diffusers pipeline folder "
             "with --model PATH, or a hub id that is cached or reachable"
         ) from None
-    if class_name not in FAMILIES:
-        raise UsageError(f"model {model!r} is a {class_name}; supported: {', '.join(FAMILIES)}")
-    return FAMILIES[class_name]
+    family = families.of_pipeline(class_name)
+    if family is None:
+        raise UsageError(f"model {model!r} is a {class_name}; supported: {', '.join(families.pipeline_names())}")
+    return family
 
 
 def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.float32, scheduler: str | None = None,
@@ -148,11 +125,11 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.floa
     """Load a pipeline with every part frozen. `scheduler`: "ddim" swaps in DDIM built from its config,
     "cps" the CPS step on its flow-match schedule, "pipeline" keeps its own; default the family's."""
     family = detect_family(model)
-    scheduler = scheduler or FAMILY_DEFAULTS[family]["scheduler"]
+    scheduler = scheduler or family.defaults["scheduler"]
     quiet_loading()
     try:
         pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, local_files_only=cache_only(model),
-                                                 **{**_components_left_out(model, text), **LOAD_KWARGS[family]})
+                                                 **{**_components_left_out(model, family, text), **family.load_kwargs})
     except Exception as error:
         raise UsageError(f"cannot load model {model!r}: {_first_line(error)}") from None
     if scheduler == "ddim":
@@ -163,21 +140,21 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.floa
     for part in pipe.components.values():
         if isinstance(part, torch.nn.Module):
             part.requires_grad_(False).eval()
-    if _upcasts_vae(family, pipe.vae) and pipe.vae.dtype == torch.float16:
+    if family.upcasts_vae(pipe.vae) and pipe.vae.dtype == torch.float16:
         pipe.vae.float()  # for good: switching dtypes around a decode that keeps its graph would break backward
     for name, part in pipe.components.items():
-        if isinstance(part, torch.nn.Module) and not (text.offload and name in TEXT_ENCODERS):
+        if isinstance(part, torch.nn.Module) and not (text.offload and name in family.text_encoders):
             part.to(device)
     return DiffusionModel(pipe=pipe, family=family, text=text)
 
 
-def _components_left_out(model: str, text: TextEncoding) -> dict:
+def _components_left_out(model: str, family: families.Family, text: TextEncoding) -> dict:
     """None for each component the folder was saved without (an SD3 folder without T5: diffusers
     loads it only when told so) and for T5 when it is not wanted."""
     index = DiffusionPipeline.load_config(model, local_files_only=cache_only(model))
     left_out = {name: None for name, entry in index.items() if entry == [None, None]}
     if not text.t5:
-        left_out.update(text_encoder_3=None, tokenizer_3=None)
+        left_out.update(dict.fromkeys(family.t5_components))
     return left_out
 
 
@@ -225,20 +202,11 @@ class CPSScheduler(FlowMatchEulerDiscreteScheduler):
         return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
 
 
-def schedule_kwargs(model: DiffusionModel, resolution: int, sigmas: tuple[float, ...] | None = None) -> dict:
-    """What `scheduler.set_timesteps` needs beyond the step count: the given `sigmas`, and the `mu`
-    of dynamic shifting where the scheduler's config asks for it, computed from the image's token
-    count as StableDiffusion3Pipeline computes it."""
-    from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-    kwargs = {"sigmas": list(sigmas)} if sigmas else {}
-    config = model.scheduler.config
-    if config.get("use_dynamic_shifting"):
-        side = resolution // model.resolution_multiple()
-        kwargs["mu"] = calculate_shift(side * side, config.get("base_image_seq_len", 256),
-                                       config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                       config.get("max_shift", 1.16))
-    return kwargs
+def schedule_kwargs(model: DiffusionModel, resolution: int, sigmas: tuple[float, ...] = (),
+                    num_steps: int | None = None) -> dict:
+    """What `scheduler.set_timesteps` takes beyond the step count, as the family's pipeline passes it
+    (custom `sigmas`, the `mu` of dynamic shifting)."""
+    return model.family.schedule_kwargs(model, resolution, num_steps, sigmas or ())
 
 
 @contextlib.contextmanager
@@ -277,7 +245,7 @@ def attach_lora(model: DiffusionModel, rank: int, alpha: float) -> None:
     from peft import LoraConfig
 
     config = LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                        target_modules=LORA_TARGETS[model.family])
+                        target_modules=list(model.family.lora_targets))
     model.denoiser.add_adapter(config)
     for param in model.denoiser.parameters():
         if param.requires_grad:
@@ -293,7 +261,7 @@ def enable_full_finetune(model: DiffusionModel, frozen_dtype: torch.dtype = torc
                                     if isinstance(part, torch.nn.Module) and part is not model.denoiser
                                     # SDXL's VAE overflows in fp16 (see decode)
                                     and not (name == "vae" and frozen_dtype == torch.float16
-                                             and _upcasts_vae(model.family, part))]
+                                             and model.family.upcasts_vae(part))]
     with diffusers_quiet():  # it warns of fp32-only modules at every cast, even with none listed
         for part in frozen:
             part.to(frozen_dtype)
@@ -367,25 +335,29 @@ def _merged_weight(layer) -> torch.Tensor:
 # Conditioning and denoisers
 
 
+class Conditioning(dict):
+    """The denoiser's keyword arguments for one batch, and the family that makes each call with them."""
+
+    def __init__(self, family: families.Family, kwargs: dict):
+        super().__init__(kwargs)
+        self.family = family
+
+
 @torch.no_grad()
-def encode_prompts(model: DiffusionModel, prompts: list[str], guided: bool, resolution: int) -> dict:
-    """The denoiser's keyword arguments for a batch of images `resolution` pixels square: `[uncond; cond]`
-    when guided, the empty prompt as negative, exactly as the pipeline's own encode_prompt builds them."""
+def encode_prompts(model: DiffusionModel, prompts: list[str], guided: bool, resolution: int,
+                   embedded_guidance: float | None = None) -> Conditioning:
+    """The conditioning of a batch of images `resolution` pixels square: `[uncond; cond]` when `guided`
+    (see families.Family.encode_prompts)."""
     with _text_encoders_on_device(model):
-        if model.family == "sdxl":
-            return _encode_prompts_sdxl(model.pipe, prompts, guided, resolution)
-        if model.family == "sd3":
-            return _encode_prompts_sd3(model.pipe, prompts, guided, model.text.max_sequence_length)
-        positive, negative = model.pipe.encode_prompt(prompts, model.denoiser.device, 1, guided, negative_prompt=None)
-    hidden = torch.cat([negative, positive]) if guided else positive
-    return {"encoder_hidden_states": hidden}
+        kwargs = model.family.encode_prompts(model, prompts, guided, resolution, embedded_guidance)
+    return Conditioning(model.family, kwargs)
 
 
 @contextlib.contextmanager
 def _text_encoders_on_device(model: DiffusionModel):
     """With offloading, the text encoders visit the denoiser's device for one encoding (T5-XXL alone
     is 9 GB that sampling and training never touch)."""
-    encoders = [getattr(model.pipe, name, None) for name in TEXT_ENCODERS] if model.text.offload else []
+    encoders = [getattr(model.pipe, name, None) for name in model.family.text_encoders] if model.text.offload else []
     encoders = [encoder for encoder in encoders if encoder is not None]
     for encoder in encoders:
         encoder.to(model.denoiser.device)
@@ -396,42 +368,14 @@ def _text_encoders_on_device(model: DiffusionModel):
             encoder.to("cpu")
 
 
-def _encode_prompts_sd3(pipe, prompts: list[str], guided: bool, max_sequence_length: int) -> dict:
-    """Both CLIPs' penultimate hidden states beside T5's (zeros without T5), and both CLIPs' pooled
-    embeddings, as StableDiffusion3Pipeline.encode_prompt builds them; the negative is the encoded
-    empty prompt."""
-    positive, negative, pooled, negative_pooled = pipe.encode_prompt(
-        prompts, None, None, device=pipe.transformer.device, num_images_per_prompt=1,
-        do_classifier_free_guidance=guided, max_sequence_length=max_sequence_length,
-    )
-    if guided:
-        positive, pooled = torch.cat([negative, positive]), torch.cat([negative_pooled, pooled])
-    return {"encoder_hidden_states": positive, "pooled_projections": pooled}
+def make_denoiser(network, conditioning: Conditioning):
+    """`network` as a sampling.Denoiser `(latents, t) -> prediction`, called as its family calls it."""
+    family = conditioning.family
 
-
-def _encode_prompts_sdxl(pipe, prompts: list[str], guided: bool, resolution: int) -> dict:
-    """Both encoders' hidden states, and the added condition: the second encoder's pooled embedding
-    and the time ids of an uncropped image generated at its own size, as the SDXL pipeline's
-    defaults make them (its encode_prompt zeroes the negative when force_zeros_for_empty_prompt)."""
-    positive, negative, pooled, negative_pooled = pipe.encode_prompt(
-        prompts, device=pipe.unet.device, num_images_per_prompt=1, do_classifier_free_guidance=guided
-    )
-    size = (resolution, resolution)
-    time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=positive.dtype,
-                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
-    time_ids = time_ids.to(pipe.unet.device).repeat(len(prompts) * (2 if guided else 1), 1)
-    if guided:
-        positive, pooled = torch.cat([negative, positive]), torch.cat([negative_pooled, pooled])
-    return {"encoder_hidden_states": positive, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
-
-
-def make_denoiser(network, conditioning: dict):
     def denoise(model_input, t):
-        # One timestep per sample, as the SD3 pipeline passes it (the UNet expands a scalar itself).
-        out = network(model_input, timestep=t.expand(len(model_input)), **conditioning, return_dict=False)[0]
         # Under autocast the network answers in bf16, and the flow-match step casts its result to
         # the prediction's dtype: an fp32 trajectory would silently drop to bf16 after one step.
-        return out.to(model_input.dtype)
+        return family.call(network, model_input, t, conditioning).to(model_input.dtype)
 
     return denoise
 
@@ -469,28 +413,7 @@ def base_denoiser(model: DiffusionModel, conditioning: dict):
 
 def decode(model: DiffusionModel, latents: torch.Tensor) -> torch.Tensor:
     """Latents to float images [B,3,H,W] in [0,1], differentiable."""
-    vae = model.pipe.vae
-    z = latents / vae.config.scaling_factor
-    if getattr(vae.config, "shift_factor", None):
-        z = z + vae.config.shift_factor
-    with _fp16_autocast_suspended(vae) if _upcasts_vae(model.family, vae) else contextlib.nullcontext():
-        images = vae.decode(z.to(vae.dtype), return_dict=False)[0]
-    return (images.float() / 2 + 0.5).clamp(0, 1)
-
-
-def _upcasts_vae(family: str, vae) -> bool:
-    """SDXL's VAE overflows in fp16, which its config flags with force_upcast, and the SDXL pipeline
-    then decodes in fp32. bf16 has fp32's range, so only fp16 is avoided."""
-    return family == "sdxl" and vae.config.force_upcast
-
-
-@contextlib.contextmanager
-def _fp16_autocast_suspended(vae):
-    """An fp32 VAE under fp16 autocast would run in fp16 after all."""
-    device_type = vae.device.type
-    fp16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
-    with torch.autocast(device_type, enabled=False) if fp16 else contextlib.nullcontext():
-        yield
+    return model.family.decode(model, latents)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -505,7 +428,7 @@ def save_tuned(model: DiffusionModel, folder: str) -> None:
         from peft.utils import get_peft_model_state_dict
 
         name, layers = model.denoiser_name, get_peft_model_state_dict(model.denoiser)
-        if name == "unet":  # the key names of diffusers' own SD/SDXL LoRA scripts; its SD3 script keeps peft's
+        if model.family.diffusers_lora_keys:
             layers = convert_state_dict_to_diffusers(layers)
         type(model.pipe).save_lora_weights(folder, **{f"{name}_lora_layers": layers},
                                            **_collate_lora_metadata({name: model.denoiser}))

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 import evaluation
+import families
 import generation
 import models
 import plots
@@ -149,12 +150,12 @@ def val_metrics_prompts(cfg: TrainConfig) -> dict[int, str]:
     return {p: every[p] for p in prompt_sets.spread_indices(len(every), cfg.val_metrics_num_prompts)}
 
 
-def resolved(cfg: TrainConfig, family: str) -> TrainConfig:
+def resolved(cfg: TrainConfig, family: families.Family) -> TrainConfig:
     """`cfg` with its family's defaults for the flags left unset (SD3 trains at 512 px, as FDFO and
     RTDMD do; SD and SDXL at their model's own size), validated again with them."""
     cfg = generation.with_family_defaults(cfg, family)
     if cfg.resolution is None:
-        cfg = replace(cfg, resolution=models.FAMILY_DEFAULTS[family].get("train_resolution"))
+        cfg = replace(cfg, resolution=family.train_resolution)
     validate(cfg)
     return cfg
 
@@ -436,13 +437,6 @@ def full_value(norm: torch.Tensor) -> float:
 # Sharding (FSDP2)
 
 
-def shard_units(network: torch.nn.Module) -> list[torch.nn.Module]:
-    """The blocks to shard one by one: a UNet's down, mid and up blocks; a transformer's blocks."""
-    units = [*getattr(network, "down_blocks", []), getattr(network, "mid_block", None),
-             *getattr(network, "up_blocks", []), *getattr(network, "transformer_blocks", [])]
-    return [unit for unit in units if unit is not None]
-
-
 def shard(model: models.DiffusionModel, amp: torch.dtype | None) -> None:
     """Shard the trainable UNet and its frozen base per block, so a process holds 1/world of their
     weights (and of the gradients and optimizer state) and gathers one block's at a time."""
@@ -450,7 +444,7 @@ def shard(model: models.DiffusionModel, amp: torch.dtype | None) -> None:
 
     policy = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32)
     for network, mp_policy in ((model.unet, policy), (model.frozen_base, MixedPrecisionPolicy())):
-        for unit in shard_units(network):
+        for unit in model.family.shard_units(network):
             fully_shard(unit, mp_policy=mp_policy)
         fully_shard(network, mp_policy=mp_policy)
 
@@ -569,9 +563,8 @@ def restore_checkpoint(trainer: Trainer, folder: str) -> int:
         raise UsageError(f"cannot resume from {folder!r} ({text}); move it away to resume from an earlier one") from None
 
 
-# Flags whose default depends on the model family: None until the family is read from the model folder
-# (every family defaults the same flags; SD3 also the training resolution).
-FAMILY_DEFAULTED = (*models.FAMILY_DEFAULTS["sd"], "resolution")
+# Flags whose default depends on the model family: None until the family is read from the model folder.
+FAMILY_DEFAULTED = (*dict.fromkeys(flag for family in families.FAMILIES for flag in family.defaults), "resolution")
 # Fields a resume may change: they shape neither the weights nor the data order.
 MUTABLE_ON_RESUME = {"steps", "save_every", "val_every", "log_every", "wandb", "wandb_project", "device",
                      "offload_text_encoders", "export_every", "run_dir",  # a run dir may be moved or copied

@@ -110,7 +110,7 @@ def test_a_killed_sharded_run_resumes_bit_exactly_and_on_one_process(sharded_run
 
 def stock_images(pipeline_class, path, denoiser_dir, resolution):
     """The stock pipeline with the denoiser of `denoiser_dir` (a unet/ or transformer/ folder) swapped in."""
-    pipe = pipeline_class.from_pretrained(path, **models.LOAD_KWARGS[models.detect_family(path)])
+    pipe = pipeline_class.from_pretrained(path, **models.detect_family(path).load_kwargs)
     name = os.path.basename(denoiser_dir)
     setattr(pipe, name, type(getattr(pipe, name)).from_pretrained(denoiser_dir))
     pipe.set_progress_bar_config(disable=True)

@@ -16,6 +16,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, St
 from diffusers.utils.torch_utils import randn_tensor
 from safetensors.torch import load_file
 
+import families
 import generate
 import generation
 import models
@@ -119,22 +120,22 @@ def max_difference(a, b):
 
 
 def test_family_is_detected_and_its_defaults_filled_in(tiny_sd3, tiny_sd):
-    assert models.detect_family(tiny_sd3) == "sd3"
+    assert models.detect_family(tiny_sd3).name == "sd3"
     model = models.load_model(tiny_sd3, CPU)
-    assert model.family == "sd3" and isinstance(model.denoiser, SD3Transformer2DModel)
+    assert model.family.name == "sd3" and isinstance(model.denoiser, SD3Transformer2DModel)
     assert type(model.scheduler) is FlowMatchEulerDiscreteScheduler and model.scheduler.config.shift == 3.0
     assert model.default_resolution() == RES  # transformer sample size 8 times the VAE's factor 4
     assert not any(p.requires_grad for part in model.pipe.components.values() if isinstance(part, torch.nn.Module)
                    for p in part.parameters())
 
-    inference = generation.with_family_defaults(generation.InferenceOptions(), "sd3")
+    inference = generation.with_family_defaults(generation.InferenceOptions(), families.SD3())
     assert (inference.scheduler, inference.inference_steps, inference.guidance_scale) == ("pipeline", 40, 4.5)
-    train = training.resolved(training.TrainConfig(model=tiny_sd3), "sd3")
+    train = training.resolved(training.TrainConfig(model=tiny_sd3), families.SD3())
     assert (train.lora_rank, train.lora_alpha, train.resolution, train.inference_steps) == (32, 64.0, 512, 40)
-    sd = training.resolved(training.TrainConfig(model=tiny_sd), "sd")  # the SD defaults are those of before
+    sd = training.resolved(training.TrainConfig(model=tiny_sd), families.SD())  # the SD defaults are those of before
     assert (sd.scheduler, sd.inference_steps, sd.guidance_scale, sd.lora_rank, sd.lora_alpha, sd.resolution) == (
         "ddim", 50, 7.5, 32, 32.0, None)
-    cps = generation.with_family_defaults(generation.InferenceOptions(scheduler="cps", sigmas=RTDMD_SIGMAS), "sd3")
+    cps = generation.with_family_defaults(generation.InferenceOptions(scheduler="cps", sigmas=RTDMD_SIGMAS), families.SD3())
     assert cps.inference_steps == 4
 
 
@@ -561,7 +562,7 @@ def test_options_that_do_not_fit_the_family_are_one_line(family, flags, message,
 
 
 def test_a_run_dir_from_before_the_sd3_flags_still_resumes(tiny_sd, tmp_path):
-    cfg = training.resolved(training.TrainConfig(model=tiny_sd, run_dir=str(tmp_path)), "sd")
+    cfg = training.resolved(training.TrainConfig(model=tiny_sd, run_dir=str(tmp_path)), families.SD())
     record = training.run_record(cfg, 1)
     for newer in ("sigmas", "max_sequence_length", "no_t5", "offload_text_encoders"):
         del record[newer]

@@ -80,9 +80,9 @@ def our_images(model, weighing=None, guidance=GUIDANCE, seeds=(3, 4)):
 
 
 def test_family_is_detected_from_the_folder(tiny_sdxl):
-    assert models.detect_family(tiny_sdxl) == "sdxl"
+    assert models.detect_family(tiny_sdxl).name == "sdxl"
     model = models.load_model(tiny_sdxl, CPU)
-    assert model.family == "sdxl"
+    assert model.family.name == "sdxl"
     assert model.default_resolution() == RES  # UNet sample size 8 times the VAE's factor 4
     assert model.pipe.text_encoder_2 is not None
     assert not any(p.requires_grad for part in model.pipe.components.values() if isinstance(part, torch.nn.Module)
