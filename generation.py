@@ -21,9 +21,13 @@ from utils import UsageError
 
 @dataclass(kw_only=True)
 class SamplerOptions:
-    inference_steps: int | None = None  # sampler steps N; default 50 (SD, SDXL), 40 (SD3, as FDFO), len(--sigmas)
-    # classifier-free guidance scale (1 turns guidance off); default 7.5 (SD, SDXL), 4.5 (SD3; FDFO's no-CFG checkpoints need 1)
+    # sampler steps N; default 50 (SD, SDXL), 40 (SD3, as FDFO), 28 (FLUX.1-dev; 4 without its guidance embedding), len(--sigmas)
+    inference_steps: int | None = None
+    # classifier-free guidance scale (1 turns guidance off); default 7.5 (SD, SDXL), 4.5 (SD3; FDFO's no-CFG checkpoints
+    # need 1); FLUX.1: the embedded guidance of guidance-distilled models (default 3.5; 0 for schnell, which has none)
     guidance_scale: float | None = None
+    # FLUX.1: true classifier-free guidance against the empty prompt, a second network call per step (default 1: off)
+    true_cfg_scale: float | None = None
     # eta of DDIM (0 deterministic, 1 DDPM-like noise) and of cps (0 is the Euler step; RTDMD samples with 0.9); others ignore it
     eta: float = 0.0
     # ddim: DDIM built from the pipeline's config (SD, SDXL default); pipeline: its own (SD3 default: flow-match Euler with
@@ -35,7 +39,8 @@ class SamplerOptions:
 
 @dataclass(kw_only=True)
 class TextEncoderOptions:
-    max_sequence_length: int = 256  # SD3: T5 tokens of a prompt (the pipeline's default; FDFO trains with 128)
+    # T5 tokens of a prompt, the pipeline's default: 256 (SD3; FDFO trains with 128), 512 (FLUX.1-dev; 256 for schnell)
+    max_sequence_length: int | None = None
     no_t5: bool = False  # SD3: run without the T5 encoder (zeros in its place), as diffusers allows, for memory
     offload_text_encoders: bool = False  # keep the text encoders on the CPU except while they encode (T5-XXL is 9 GB)
 
@@ -117,11 +122,14 @@ class SamplerSettings:
     guidance_scale: float
     eta: float = 0.0
     sigmas: tuple[float, ...] = ()  # a custom schedule (cps); empty: the scheduler's own
+    true_cfg_scale: float = 1.0  # FLUX.1's true CFG beside its embedded guidance; 1: off
 
     @classmethod
-    def of(cls, cfg) -> "SamplerSettings":
+    def of(cls, cfg, resolution: int | None = None) -> "SamplerSettings":
         """From an entry script's config (its family defaults and resolution already resolved)."""
-        return cls(cfg.resolution, cfg.inference_steps, cfg.guidance_scale, cfg.eta, cfg.sigmas)
+        true_cfg_scale = 1.0 if cfg.true_cfg_scale is None else cfg.true_cfg_scale
+        return cls(resolution or cfg.resolution, cfg.inference_steps, cfg.guidance_scale, cfg.eta, cfg.sigmas,
+                   true_cfg_scale)
 
 
 def generate(

@@ -37,7 +37,7 @@ PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 @dataclass(frozen=True)
 class TextEncoding:
     """How prompts are encoded where the family has a T5 encoder (SD3) and where encoders are large."""
-    max_sequence_length: int = 256  # T5 tokens, the SD3 pipeline's default
+    max_sequence_length: int = 256  # T5 tokens, the SD3 pipeline's default (FLUX.1's: 512)
     t5: bool = True  # False: no T5 at all (zeros in its place, as the pipeline does without text_encoder_3)
     offload: bool = False  # keep the text encoders on the CPU except while they encode
 
@@ -105,6 +105,9 @@ def detect_family(model: str) -> families.Family:
     """The family from the pipeline folder's model_index.json; a hub id is looked up the same way."""
     try:
         class_name = DiffusionPipeline.load_config(model, local_files_only=cache_only(model))["_class_name"]
+        family = families.of_pipeline(class_name)
+        if family is not None:
+            family = family.for_checkpoint(model, cache_only(model))
     except Exception as error:  # hub, network and file errors alike end in one line
         if cache_only(model):
             raise UsageError(f"cannot load model {model!r}: the Hugging Face hub is unreachable from here and "
@@ -114,7 +117,6 @@ def detect_family(model: str) -> families.Family:
             f"cannot load model {model!r} ({_first_line(error)}); give a diffusers pipeline folder "
             "with --model PATH, or a hub id that is cached or reachable"
         ) from None
-    family = families.of_pipeline(class_name)
     if family is None:
         raise UsageError(f"model {model!r} is a {class_name}; supported: {', '.join(families.pipeline_names())}")
     return family

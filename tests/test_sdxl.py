@@ -150,9 +150,9 @@ def train_config(tiny_sdxl, tiny_clip, run_dir, **overrides):
     return training.TrainConfig(**{**settings, **overrides})
 
 
-def trained_on_a_fixed_batch(model, tiny_clip, run_dir):
+def trained_on_a_fixed_batch(model, tiny_clip, run_dir, **overrides):
     """A trainer after 8 steps on one fixed batch, and that batch's mean reward before and after."""
-    cfg = train_config(model, tiny_clip, run_dir, lr=1e-1, kl_coeff=0.0)
+    cfg = train_config(model, tiny_clip, run_dir, **{"lr": 1e-1, "kl_coeff": 0.0, **overrides})
     torch.manual_seed(cfg.seed)  # as train.main does: the LoRA's A matrices are random
     trainer = training.build(cfg, utils.init_distributed("cpu"))
     return trainer, *rewards_before_and_after_steps(trainer)
