@@ -18,7 +18,9 @@ and where a step's time goes, in units of one no-grad call of the UNet (SD3, FLU
       rounds, ours / its step time (ours with the KL, and without it: the reference's objective), and ours /
       its peak memory growth;
 then (with SD among --families) a 2-process full fine-tune of a wider tiny SD UNet through train.py with
-and without --fsdp: step time and peak memory growth per rank.
+and without --fsdp: step time and peak memory growth per rank; and the start-up of a full fine-tune of that
+UNet (loading, frozen copy, reward) in a fresh process, bf16 against fp32: its peak resident set above the
+imports.
 A step's memory is the peak growth of the bytes held in tensors during a warm step (the CPU's counterpart
 of torch.cuda.max_memory_allocated); the 2-process runs report train.py's own figure, the peak resident set
 above the loaded models (weights, gradients and Adam state dominate there).
@@ -51,6 +53,18 @@ class BenchConfig:
     # the tiny models to measure, in order
     families: tuple[Literal["SD", "SDXL", "SD3", "FLUX.1"], ...] = ("SD", "SDXL", "SD3", "FLUX.1")
     fsdp_resolution: int = 32  # image side of the 2-process full fine-tune with and without --fsdp
+    # shipped real models (configs/real: sd15 sdxl sd35-medium sd35-large ...) to measure at their real shapes with
+    # random weights (bf16 on a GPU), instead of the tiny models; a pipeline folder is measured with its own configs
+    real: tuple[str, ...] = ()
+    real_device: str = "auto"  # device of the real-shape bench: auto = cuda when there is one, else cpu
+    real_resolution: int | None = None  # image side of the real-shape bench; default each model's (REAL_SHAPES)
+    real_batch: int | None = None  # prompts per GPU of the real-shape bench; default each model's (REAL_SHAPES)
+    real_steps: int | None = None  # sampler steps N of the real-shape bench; default the family's
+    # the Markdown table of the real-shape bench is also appended to this file (the device run writes the docs' table)
+    real_table: str | None = None
+    real_table_rows_only: bool = False  # append only the rows to --real-table (an earlier model's run wrote its header)
+    # reward network of the real-shape bench: a configs/real/rewards name, or a CLIPModel folder (its config is used)
+    real_reward: str = "pickscore"
 
 
 PROMPTS = ["a red circle", "a green square"]
@@ -58,7 +72,8 @@ PROMPTS = ["a red circle", "a green square"]
 
 def make_trainer(bench: BenchConfig, model: str, clip: str, steps: int, truncation: int, checkpointing: str,
                  merged: bool = True, kl_coeff: float = 0.1):
-    """`checkpointing`: "" none, "steps" --gradient-checkpointing, "blocks" that and --checkpoint-blocks."""
+    """`checkpointing`: "" none, "steps" --gradient-checkpointing --checkpoint-calls-only (at K = 1 the same as
+    --gradient-checkpointing), "blocks" --gradient-checkpointing --checkpoint-blocks."""
     import training
     import utils
 
@@ -67,6 +82,7 @@ def make_trainer(bench: BenchConfig, model: str, clip: str, steps: int, truncati
         guidance_scale=bench.guidance_scale, batch_size=bench.batch_size, resolution=bench.resolution,
         lora_rank=bench.lora_rank, lora_alpha=bench.lora_rank, kl_coeff=kl_coeff,
         gradient_checkpointing=bool(checkpointing), checkpoint_blocks=checkpointing == "blocks",
+        checkpoint_calls_only=checkpointing == "steps",
         run_dir=os.path.join(tempfile.gettempdir(), "bench-unused"), device="cpu",
     )
     trainer = training.build(cfg, utils.init_distributed("cpu"))
@@ -357,10 +373,205 @@ def report_fsdp(bench: BenchConfig, model: str, clip: str, folder: str) -> None:
           f"= {fsdp_mb / plain_mb:.3f}", flush=True)
 
 
+STARTUP = """\
+import resource, sys
+sys.path.insert(0, {root!r})
+import training, utils
+with open("/proc/self/status") as f:
+    before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+cfg = training.TrainConfig(model={model!r}, reward_source=["pickscore={clip}"], full_finetune=True,
+                           mixed_precision={precision!r}, inference_steps=4, resolution=32, device="cpu")
+training.build(cfg, utils.init_distributed("cpu"))
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def startup_growth_mb(model: str, clip: str, precision: str, root: str = ROOT) -> float:
+    """Peak resident set of a full fine-tune's start-up (training.build: load, frozen copy, reward) above the
+    imports, in MB, in a fresh process of the code of `root`: everything is on the CPU, so it is the figure
+    a GPU's memory would show at start-up."""
+    import subprocess
+
+    script = STARTUP.format(root=root, model=model, clip=clip, precision=precision)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True, env=env)
+    return float(result.stdout.split()[-1])
+
+
+def report_startup(model: str, clip: str) -> None:
+    unet_mb = unet_parameters(model) * 4 / 2**20
+    fp32, bf16 = (startup_growth_mb(model, clip, precision) for precision in ("no", "bf16"))
+    print(f"full fine-tune start-up, UNet of {unet_parameters(model) / 1e6:.1f} M parameters ({unet_mb:.1f} MB in "
+          f"fp32): peak resident growth bf16 {bf16:.1f} MB / fp32 {fp32:.1f} MB = {bf16 / fp32:.3f}; "
+          f"bf16 / fp32 UNet = {bf16 / unet_mb:.3f}", flush=True)
+
+
 def unet_parameters(model: str) -> int:
     from diffusers import UNet2DConditionModel
 
     return sum(p.numel() for p in UNet2DConditionModel.from_pretrained(model, subfolder="unet").parameters())
+
+
+# (resolution, batch per GPU) as users train each model: SD 1.5 and FLUX at 512 px, SDXL and SD3.5 at 1024 px;
+# SD 1.5's batch of 4 is DRaFT+'s per-GPU batch, the larger models' 1 what fits beside them.
+REAL_SHAPES = {"sd15": (512, 4), "sdxl": (1024, 1), "sd35-medium": (1024, 1), "sd35-large": (1024, 1),
+               "flux1-dev": (512, 1), "flux2-klein-4b": (512, 1), "flux2-klein-9b": (512, 1)}
+# (K, KL on, checkpointing as --gradient-checkpointing [--checkpoint-blocks]) of the real-shape bench
+REAL_STEPS = [(1, True, "blocks"), (1, False, "blocks"), (1, True, ""), (10, True, "blocks")]
+
+
+class Device:
+    """Times and peak memory on the bench's device: CUDA's own peak counter, or on the CPU the profiler's."""
+
+    def __init__(self, name: str):
+        self.device = torch.device(name if name != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def seconds(self, fn, repeats: int) -> float:
+        """Median seconds of `repeats` calls after a warm-up call."""
+        fn()
+        times = []
+        for _ in range(repeats):
+            self.sync()
+            start = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def peak_gib(self, fn) -> float:
+        """GPU: torch.cuda.max_memory_allocated over the call, everything held included (weights too); CPU: the
+        peak growth over what was held before it (weights not included)."""
+        if self.device.type != "cuda":
+            return allocated_peak_growth_mb(fn) / 1024
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        self.sync()
+        return torch.cuda.max_memory_allocated() / 2**30
+
+
+def real_trainer(bench: BenchConfig, model: str, reward_backbone: str, device: Device, workdir: str,
+                 truncation: int, kl: bool, checkpointing: str):
+    """A LoRA trainer (the family's rank and alpha) on the model built from its configs with random weights, as
+    train.py builds it otherwise: bf16 autocast and frozen weights on a GPU."""
+    import shapes
+    import training
+    import utils
+
+    resolution, batch = real_shape(bench, model)
+    cfg = training.TrainConfig(
+        model=shapes.model_folder(model), reward_source=[], inference_steps=bench.real_steps,
+        truncation_steps=truncation, batch_size=batch, resolution=resolution, kl_coeff=0.1 if kl else 0.0,
+        gradient_checkpointing=bool(checkpointing), checkpoint_blocks=checkpointing == "blocks",
+        run_dir=os.path.join(workdir, "unused"), device=device.device.type)
+    return training.build(cfg, utils.init_distributed(device.device.type),
+                          load_model=shapes.random_weights_loader(workdir),
+                          load_reward=shapes.random_pickscore_loader(workdir, reward_backbone))
+
+
+def real_shape(bench: BenchConfig, model: str) -> tuple[int, int]:
+    resolution, batch = REAL_SHAPES.get(os.path.basename(os.path.normpath(model)), (None, 1))
+    return bench.real_resolution or resolution, bench.real_batch or batch
+
+
+def real_shape_report(bench: BenchConfig, model: str, reward_backbone: str, device: Device, workdir: str) -> list[str]:
+    """Rows of the real-shape table for one model: the no-grad pipeline sampling N steps, each DRaFT+ step of
+    REAL_STEPS, and the reward's forward and backward; seconds, peak memory, images/s, step / sampling."""
+    import models
+    from utils import generators
+
+    rows = []
+    trainer = real_trainer(bench, model, reward_backbone, device, workdir, *REAL_STEPS[0])
+    cfg = trainer.cfg
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(cfg.batch_size)]
+    shape = f"{cfg.resolution} px, batch {cfg.batch_size}, N={cfg.inference_steps}, CFG {cfg.guidance_scale}"
+    name = os.path.basename(os.path.normpath(model))
+
+    def sample():
+        amp = trainer.model.autocast  # the stock pipeline under the autocast training's denoiser calls run under
+        with torch.no_grad(), torch.autocast(device.device.type, dtype=amp, enabled=amp is not None):
+            trainer.model.pipe(prompts, num_inference_steps=cfg.inference_steps, guidance_scale=cfg.guidance_scale,
+                               height=cfg.resolution, width=cfg.resolution, output_type="pt",
+                               generator=generators(range(cfg.batch_size), device.device))
+
+    sampling_s = device.seconds(sample, bench.repeats)
+    rows.append(f"| {name} | {shape} | pipeline sampling (no grad) | {sampling_s:.2f} | {device.peak_gib(sample):.3g} | "
+                f"{cfg.batch_size / sampling_s:.2f} | 1 |")
+
+    def reward_forward_backward():
+        images = torch.rand(cfg.batch_size, 3, cfg.resolution, cfg.resolution, device=device.device, requires_grad=True)
+        trainer.reward(images, prompts).sum().backward()
+
+    for truncation, kl, checkpointing in REAL_STEPS:
+        if (truncation, kl, checkpointing) != REAL_STEPS[0]:
+            del trainer
+            free(device)
+            trainer = real_trainer(bench, model, reward_backbone, device, workdir, truncation, kl, checkpointing)
+        counter = iter(range(10**6))
+        step = lambda: trainer.step(next(counter))  # noqa: E731
+        step_s = device.seconds(step, bench.repeats)
+        label = (f"DRaFT+ step K={truncation}{' with KL' if kl else ' without KL'}"
+                 + {"": "", "blocks": ", --gradient-checkpointing --checkpoint-blocks"}[checkpointing])
+        rows.append(f"| {name} | {shape} | {label} | {step_s:.2f} | {device.peak_gib(step):.3g} | "
+                    f"{cfg.batch_size / step_s:.2f} | {step_s / sampling_s:.3f} |")
+    reward_s = device.seconds(reward_forward_backward, bench.repeats)
+    rows.append(f"| {name} | {shape} | reward forward+backward | {reward_s:.3f} | "
+                f"{device.peak_gib(reward_forward_backward):.3g} | | |")
+    del trainer
+    free(device)
+    models.quiet_loading()
+    return rows
+
+
+def free(device: Device) -> None:
+    import gc
+
+    gc.collect()
+    if device.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+REAL_TABLE_HEADER = ["| model | shape (per GPU) | what | seconds | peak memory (GiB) | images/s per GPU | / sampling |",
+                     "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+
+
+def report_real(bench: BenchConfig, reward_backbone: str, workdir: str) -> None:
+    """The real-shape table, one model after another in the order given (the device run puts the largest
+    first, so that a run cut short still reports something); each row is printed as soon as it is measured."""
+    device = Device(bench.real_device)
+    header = real_table_header(bench, device)
+    lines = [header, "", *REAL_TABLE_HEADER]
+    print("\n".join(lines), flush=True)
+    if not bench.real_table_rows_only:
+        write_table_lines(bench, lines)
+    for model in bench.real:
+        for row in real_shape_report(bench, model, reward_backbone, device, workdir):
+            print(row, flush=True)
+            write_table_lines(bench, [row])
+
+
+def real_table_header(bench: BenchConfig, device: Device) -> str:
+    import datetime
+
+    import diffusers
+    import transformers
+
+    where = (torch.cuda.get_device_name(device.device) if device.device.type == "cuda"
+             else f"CPU ({torch.get_num_threads()} threads)")
+    dtype = "bf16 autocast, frozen weights bf16" if device.device.type == "cuda" else "fp32"
+    return (f"Measured {datetime.date.today().isoformat()} on {where}; torch {torch.__version__}, diffusers "
+            f"{diffusers.__version__}, transformers {transformers.__version__}; random weights from configs/real, "
+            f"{dtype}, LoRA at the family's rank, reward {bench.real_reward}; seconds: median of {bench.repeats} after a "
+            "warm-up call.")
+
+
+def write_table_lines(bench: BenchConfig, lines: list[str]) -> None:
+    if bench.real_table:
+        with open(bench.real_table, "a") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 def main(bench: BenchConfig) -> None:
@@ -371,6 +582,10 @@ def main(bench: BenchConfig) -> None:
     models.quiet_loading()
     torch.manual_seed(0)
     torch.set_num_threads(bench.threads)
+    if bench.real:
+        with tempfile.TemporaryDirectory() as folder:
+            report_real(bench, bench.real_reward, folder)
+        return
     with tempfile.TemporaryDirectory() as folder:
         clip = tiny_rewards.make_tiny_clip(os.path.join(folder, "clip"))
         factories = {"SD": tiny_models.make_tiny_sd, "SDXL": tiny_models.make_tiny_sdxl, "SD3": tiny_models.make_tiny_sd3,
@@ -382,6 +597,7 @@ def main(bench: BenchConfig) -> None:
             # fine-tuning.
             wide = tiny_models.make_tiny_sd(os.path.join(folder, "wide"), block_out_channels=(128, 256))
             report_fsdp(bench, wide, clip, folder)
+            report_startup(wide, clip)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,10 @@ class MetricSpec:
 def load_reward_metric(name: str, setup: MetricSetup) -> PerImage:
     # float32 whatever the generation dtype: bf16 would quantise a PickScore near 21 to steps of 0.125
     reward = rewards.load_reward(name, setup.reward_sources, torch.float32, setup.device, hps_arch=setup.hps_arch)
-    return lambda images, prompts: reward(images, prompts).float().cpu()
+    # The VLM judge scores as FDFO's evaluation does, its processor resizing the 8-bit images; the reward's
+    # differentiable resize is for training.
+    score = reward.rewards[name].published_scores if name in rewards.VLM_QUESTIONS else reward
+    return lambda images, prompts: score(images, prompts).float().cpu()
 
 
 def mean_over_repeats(scores: torch.Tensor) -> float:
@@ -171,13 +174,9 @@ METRICS = {
 
 
 def load_metrics(names: list[str], setup: MetricSetup, dist: utils.Dist) -> dict[str, PerImage]:
-    """Each metric's model once per process; rank 0 first, so that only it downloads into shared caches."""
-    if not dist.is_main:
-        utils.barrier()
-    loaded = {name: METRICS[name].load(setup) for name in names}
-    if dist.is_main:
-        utils.barrier()
-    return loaded
+    """Each metric's model once per process, in turns per node (utils.in_turns_per_node): what one downloads
+    into a node's caches (DreamSim's weights) is fetched there by one process while the others wait."""
+    return utils.in_turns_per_node(dist, lambda: {name: METRICS[name].load(setup) for name in names})
 
 
 @dataclass

@@ -13,11 +13,13 @@ sampler, the KL and annealing never see the difference.
 """
 
 import contextlib
+import os
 from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
 
+import utils
 from utils import UsageError
 
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -31,6 +33,9 @@ class Guidance(NamedTuple):
 
 
 class Family:
+    """The base class, SD's UNet path: a family sets the class attributes below and overrides the methods
+    where its pipeline differs. Families hold no state; `model` carries everything loaded."""
+
     name: ClassVar[str]  # recorded and shown in messages: "sd", "sdxl", "sd3", "flux"
     label: ClassVar[str]  # the family's name for people: "SD", "SDXL", "SD3", "FLUX.1"
     pipelines: ClassVar[tuple[str, ...]]  # the model_index.json `_class_name`s of this family
@@ -50,9 +55,10 @@ class Family:
     def __repr__(self) -> str:
         return f"<{self.label} family>"
 
-    def for_checkpoint(self, model: str, local_files_only: bool) -> "Family":
-        """The family as it applies to the checkpoint `model` (a folder or hub id), where its defaults
-        depend on the checkpoint's config rather than its pipeline class alone."""
+    def for_checkpoint(self, model: str) -> "Family":
+        """The family as checkpoint `model` (folder or hub id) sets it up, read before the pipeline loads:
+        here the same for all. A family whose checkpoints differ in their real-use defaults (a
+        guidance-distilled one, told by its config) returns an instance holding that checkpoint's."""
         return self
 
     # -- options
@@ -243,11 +249,16 @@ class Flux(Family):
                     max_sequence_length=MAX_T5_TOKENS, lora_rank=64, lora_alpha=128.0)
     train_resolution = 512
 
-    def for_checkpoint(self, model, local_files_only):
+    def for_checkpoint(self, model):
         """A checkpoint without the guidance embedding is timestep-distilled, as FLUX.1-schnell is."""
         from diffusers import FluxTransformer2DModel
 
-        config = FluxTransformer2DModel.load_config(model, subfolder="transformer", local_files_only=local_files_only)
+        cache_only = not os.path.isdir(model) and not utils.hub_reachable()  # as models.load_model reads it
+        try:
+            config = FluxTransformer2DModel.load_config(model, subfolder="transformer", local_files_only=cache_only)
+        except Exception as error:  # hub, network and file errors alike end in one line
+            raise UsageError(f"cannot read the transformer config of model {model!r}: {str(error).strip()[:200]}"
+                             ) from None
         return self if config.get("guidance_embeds") else FluxDistilled()
 
     def validate(self, cfg) -> None:
@@ -346,7 +357,8 @@ class FluxDistilled(Flux):
 def _fp16_autocast_suspended(vae):
     """An fp32 VAE under fp16 autocast would run in fp16 after all."""
     device_type = vae.device.type
-    fp16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+    fp16 = (torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+            and torch.get_autocast_dtype(device_type) == torch.float16)  # (the meta device has no autocast)
     with torch.autocast(device_type, enabled=False) if fp16 else contextlib.nullcontext():
         yield
 

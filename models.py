@@ -50,6 +50,9 @@ class DiffusionModel:
     text: TextEncoding = field(default_factory=TextEncoding)
     # no-grad calls of a LoRA model run on merged weights, at the speed of the plain network
     merged_sampling: bool = True
+    # training's mixed precision: the denoiser's calls alone run under autocast to it (generation.generate), while
+    # the text encoders, the VAE and the rewards keep the dtypes they are made for (T5's fp32 `wo`, a bf16 judge)
+    autocast: torch.dtype | None = None
     _lora: "LoraLayers | None" = None
 
     @property
@@ -105,9 +108,6 @@ def detect_family(model: str) -> families.Family:
     """The family from the pipeline folder's model_index.json; a hub id is looked up the same way."""
     try:
         class_name = DiffusionPipeline.load_config(model, local_files_only=cache_only(model))["_class_name"]
-        family = families.of_pipeline(class_name)
-        if family is not None:
-            family = family.for_checkpoint(model, cache_only(model))
     except Exception as error:  # hub, network and file errors alike end in one line
         if cache_only(model):
             raise UsageError(f"cannot load model {model!r}: the Hugging Face hub is unreachable from here and "
@@ -117,23 +117,34 @@ def detect_family(model: str) -> families.Family:
             f"cannot load model {model!r} ({_first_line(error)}); give a diffusers pipeline folder "
             "with --model PATH, or a hub id that is cached or reachable"
         ) from None
+    family = families.of_pipeline(class_name)
     if family is None:
         raise UsageError(f"model {model!r} is a {class_name}; supported: {', '.join(families.pipeline_names())}")
-    return family
+    return family.for_checkpoint(model)
 
 
 def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.float32, scheduler: str | None = None,
-               text: TextEncoding = TextEncoding()) -> DiffusionModel:
+               text: TextEncoding = TextEncoding(), denoiser_dtype: torch.dtype | None = None) -> DiffusionModel:
     """Load a pipeline with every part frozen. `scheduler`: "ddim" swaps in DDIM built from its config,
-    "cps" the CPS step on its flow-match schedule, "pipeline" keeps its own; default the family's."""
+    "cps" the CPS step on its flow-match schedule, "pipeline" keeps its own; default the family's.
+    `denoiser_dtype`: the denoiser's own dtype where it differs from the rest's (a full fine-tune trains it
+    in fp32 while what stays frozen loads in the training dtype, never in fp32 first)."""
     family = detect_family(model)
     scheduler = scheduler or family.defaults["scheduler"]
+    dtypes = {"default": dtype, family.denoiser_name: denoiser_dtype} if denoiser_dtype else dtype
     quiet_loading()
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtype, local_files_only=cache_only(model),
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=dtypes, local_files_only=cache_only(model),
                                                  **{**_components_left_out(model, family, text), **family.load_kwargs})
     except Exception as error:
         raise UsageError(f"cannot load model {model!r}: {_first_line(error)}") from None
+    return prepared(pipe, family, device, scheduler, text)
+
+
+def prepared(pipe: DiffusionPipeline, family: families.Family, device: torch.device, scheduler: str,
+             text: TextEncoding = TextEncoding()) -> DiffusionModel:
+    """A loaded (or built) pipeline made ready for sampling and training: the scheduler asked for, every
+    part frozen, on `device` (the text encoders stay on the CPU with offloading)."""
     if scheduler == "ddim":
         pipe.scheduler = ddim_from(pipe.scheduler.config)
     elif scheduler == "cps":
@@ -254,20 +265,45 @@ def attach_lora(model: DiffusionModel, rank: int, alpha: float) -> None:
             param.data = param.data.float()  # trainable weights stay fp32 under bf16 autocast
 
 
-def enable_full_finetune(model: DiffusionModel, frozen_dtype: torch.dtype = torch.float32) -> None:
-    """Train every weight of the denoiser, in fp32; a frozen copy made now is the base for the KL and annealing.
-    The frozen networks (that copy, the text encoders, the VAE) go to `frozen_dtype`, the training
-    dtype: in fp32 they would double their memory for nothing under bf16 autocast."""
-    model.frozen_base = copy.deepcopy(model.denoiser).requires_grad_(False).eval()
-    frozen = [model.frozen_base] + [part for name, part in model.pipe.components.items()
-                                    if isinstance(part, torch.nn.Module) and part is not model.denoiser
-                                    # SDXL's VAE overflows in fp16 (see decode)
-                                    and not (name == "vae" and frozen_dtype == torch.float16
-                                             and model.family.upcasts_vae(part))]
-    with diffusers_quiet():  # it warns of fp32-only modules at every cast, even with none listed
-        for part in frozen:
-            part.to(frozen_dtype)
+def enable_full_finetune(model: DiffusionModel, frozen_dtype: torch.dtype = torch.float32, units=(),
+                         shard=None) -> None:
+    """Train every weight of the denoiser, in fp32; a frozen copy made now, in `frozen_dtype` (the
+    training dtype: in fp32 it would double its memory for nothing under bf16 autocast), is the base for
+    the KL and annealing. The rest of the pipeline stays as load_model made it (load it in the training
+    dtype, the denoiser in fp32). `units` and `shard`: see frozen_copy."""
+    model.frozen_base = frozen_copy(model.denoiser, frozen_dtype, units, shard)
     model.denoiser.float().requires_grad_(True).train()
+
+
+def frozen_copy(network: torch.nn.Module, dtype: torch.dtype, units=(), shard=None) -> torch.nn.Module:
+    """A frozen twin of `network` with its floating weights in `dtype`, made without a second whole copy
+    in the network's own dtype: the twin's parameters start on the meta device and are filled, cast, from
+    the network's, one of its `units` (submodules, in the order to fill them) at a time, then the rest.
+    With `shard` (FSDP2's fully_shard), each unit is sharded as soon as it is filled, so that a process
+    never holds more than one unit of the copy whole."""
+    placeholders = {id(param): torch.nn.Parameter(torch.empty_like(param, device="meta", dtype=_cast(param, dtype)),
+                                                  requires_grad=False) for param in network.parameters()}
+    buffers = {id(buffer): buffer.to(_cast(buffer, dtype), copy=True) for buffer in network.buffers()}
+    twin = copy.deepcopy(network, {**placeholders, **buffers}).requires_grad_(False).eval()
+    names = {module: name for name, module in network.named_modules()}
+    filled = {}  # placeholder's id -> its weights, so that a weight two modules share stays shared
+    for unit in [*units, network]:
+        twin_unit, sources = twin.get_submodule(names[unit]), dict(unit.named_parameters(remove_duplicate=False))
+        for name, param in list(twin_unit.named_parameters(remove_duplicate=False)):
+            if param.is_meta:
+                if id(param) not in filled:
+                    weights = sources[name].detach().to(param.dtype, copy=True)
+                    filled[id(param)] = torch.nn.Parameter(weights, requires_grad=False)
+                owner, _, attribute = name.rpartition(".")
+                twin_unit.get_submodule(owner)._parameters[attribute] = filled[id(param)]
+        if shard is not None:
+            shard(twin_unit)
+    return twin
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a cast of a module to `dtype` gives this tensor: floating ones take it, others keep theirs."""
+    return dtype if tensor.is_floating_point() else tensor.dtype
 
 
 def trainable_parameters(model: DiffusionModel) -> list[torch.nn.Parameter]:
@@ -555,9 +591,13 @@ def _load_peft_adapter(model: DiffusionModel, folder: str, adapter_name: str) ->
     from safetensors.torch import load_file
 
     with open(os.path.join(folder, PEFT_CONFIG)) as f:
-        peft_type = json.load(f).get("peft_type")
+        adapter_config = json.load(f)
+    peft_type = adapter_config.get("peft_type")
     if peft_type != "LORA":
         return f"its {PEFT_CONFIG} is of a {peft_type} adapter; only LoRA adapters load"
+    if adapter_config.get("use_dora"):
+        # The merged no-grad sampler adds B @ A alone to W (LoraLayers), without DoRA's magnitude rescaling.
+        return f"its {PEFT_CONFIG} has use_dora: DoRA adapters are not supported, only plain LoRA"
     weights = os.path.join(folder, PEFT_WEIGHTS)
     if not os.path.isfile(weights):
         return f"it has {PEFT_CONFIG} but no {PEFT_WEIGHTS}"

@@ -3,10 +3,12 @@ loop that train.py runs (bench.py builds its trainers from here too)."""
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import random
+import shlex
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -61,15 +63,22 @@ class TrainConfig(SamplerOptions, TextEncoderOptions, DeviceOption, RewardSource
     fsdp: bool = False
     # with --fsdp: also write a consolidated unet/ (SD3: transformer/) folder every this many steps (0: the final one only)
     export_every: int = 0
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # autocast dtype; auto = bf16 on GPU, none on CPU
+    # autocast dtype of the denoiser's calls (text encoders, VAE and rewards run outside it); auto = bf16 on GPU, none on CPU
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # recompute the UNet (SD3: transformer), VAE decoder and reward tower in backward to save memory: the
-    # UNet per graph call, or at K = 1 (and DRaFT-LV) per block, which holds less for the same recomputation
+    # denoiser's blocks, and with K > 1 each graph call too (its blocks nested inside: one more forward per graph step)
     gradient_checkpointing: bool = False
-    # also recompute the UNet's own blocks in backward (diffusers' enable_gradient_checkpointing), so that
-    # backward holds one block's activations instead of a whole call's; with K > 1 one more forward per graph step
+    # recompute the denoiser's own blocks in backward (diffusers' enable_gradient_checkpointing) even without
+    # --gradient-checkpointing
     checkpoint_blocks: bool = False
+    # with --gradient-checkpointing at K > 1: recompute each graph call whole, without its blocks (about 5% faster,
+    # but backward holds a whole call's activations: 15 GB more for SDXL at 1024 px, see docs/performance.md)
+    checkpoint_calls_only: bool = False
     seed: int = 0  # seeds data order, noise and truncation draws; same results on any number of GPUs
     run_dir: str = "runs/draftp"  # where checkpoints, log.jsonl and validation grids go
+    # refuse a run dir whose filesystem cannot lock it (NFS without a lock manager, Lustre without its flock
+    # option) instead of training there unlocked after a warning
+    require_run_dir_lock: bool = False
     save_every: int = 100  # checkpoint every this many steps (and at the end)
     val_every: int = 100  # base-vs-tuned grid of fixed prompts and seeds every this many steps (0: never)
     val_prompts: int = 4  # prompts in the validation grid
@@ -83,6 +92,9 @@ class TrainConfig(SamplerOptions, TextEncoderOptions, DeviceOption, RewardSource
     log_every: int = 1  # print a status line every this many steps
     max_bad_steps: int = 5  # stop after this many bad steps in a row (non-finite loss, or fp16 loss scale below 1)
     wandb: bool = False  # also log to Weights & Biases
+    # torch CPU threads of each process (0: torch's default, one per core); fewer keep a CPU run from
+    # spinning against other busy processes on the same cores
+    threads: int = 0
     wandb_project: str = "draftp"  # wandb project name
 
 
@@ -92,7 +104,7 @@ def validate(cfg: TrainConfig) -> None:
                                lora_rank=cfg.lora_rank, save_every=cfg.save_every, log_every=cfg.log_every,
                                max_bad_steps=cfg.max_bad_steps, val_prompts=cfg.val_prompts)
     generation.validate_shared_options(cfg)
-    for name in ("val_every", "warmup_steps", "lv_samples", "export_every"):
+    for name in ("val_every", "warmup_steps", "lv_samples", "export_every", "threads"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"{utils.flag(name)} must be >= 0, got {getattr(cfg, name)}")
     low, high = cfg.truncation_range or (cfg.truncation_steps, cfg.truncation_steps)
@@ -128,6 +140,8 @@ def validate(cfg: TrainConfig) -> None:
     prompt_sets.load_prompts(cfg.prompts)
     if cfg.val_metrics and cfg.val_every:
         validate_val_metrics(cfg)
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise UsageError("--wandb needs the wandb package: pip install wandb (or train without --wandb)")
 
 
 def validate_val_metrics(cfg: TrainConfig) -> None:
@@ -174,16 +188,19 @@ class DenoiserCheckpointing:
 
 
 def denoiser_checkpointing(cfg: TrainConfig) -> DenoiserCheckpointing:
-    """How --gradient-checkpointing and --checkpoint-blocks recompute the denoiser in backward.
+    """How --gradient-checkpointing, --checkpoint-blocks and --checkpoint-calls-only recompute the denoiser in backward.
 
     With one graph call per rollout (K = 1, DRaFT-LV), checkpointing the blocks alone holds less than the
     per-call checkpoint (the blocks' inputs and one block's activations, not the whole call's) for the
-    same single recomputation, so --gradient-checkpointing takes it; with more, the per-call checkpoint
-    keeps memory flat in K where the blocks' inputs would pile up call by call; --checkpoint-blocks adds
-    the blocks inside it (the least memory, for a second recomputation)."""
+    same single recomputation, so --gradient-checkpointing takes it. With more, the per-call checkpoint keeps
+    memory flat in K where the blocks' inputs would pile up call by call, and the blocks are checkpointed inside
+    it: otherwise backward recomputes a whole call's activations at once, which at the real shapes is most of
+    the step's memory (memory.py: SDXL at 1024 px, K = 10, 25.7 GB against 17.6 GB; SD3.5 Large 69.9 against
+    38.3) for one more forward per graph step (about 5% of the step). --checkpoint-calls-only leaves the blocks out."""
     single_call = most_graph_calls(cfg) <= 1
+    nested_blocks = cfg.gradient_checkpointing and (single_call or not cfg.checkpoint_calls_only)
     return DenoiserCheckpointing(per_call=cfg.gradient_checkpointing and not single_call,
-                                 blocks=cfg.checkpoint_blocks or (cfg.gradient_checkpointing and single_call))
+                                 blocks=cfg.checkpoint_blocks or nested_blocks)
 
 
 def memory_warning(cfg: TrainConfig) -> str | None:
@@ -256,7 +273,6 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     stream: PromptStream
-    amp: torch.dtype | None
     sharded: bool = False  # the UNet and its base copy are FSDP-sharded over the processes
     # --ema-decay: the moving average of the trainable weights, one fp32 tensor per parameter, in their order
     ema: list[torch.Tensor] | None = None
@@ -268,9 +284,6 @@ class Trainer:
         sharded (each call then needs them all)."""
         return self.dist.is_main or self.sharded
 
-    def autocast(self):
-        return torch.autocast(self.dist.device.type, dtype=self.amp, enabled=self.amp is not None)
-
     @property
     def computes_kl(self) -> bool:
         return self.cfg.kl_coeff > 0 or self.cfg.log_kl
@@ -280,7 +293,8 @@ class Trainer:
         it is asked for: the base model's call would cost for nothing)."""
         cfg = self.cfg
         settings = generation.SamplerSettings.of(cfg, self.resolution)
-        # Latents stay fp32 under autocast: the scheduler arithmetic is then that of fp32 sampling.
+        # Latents stay fp32, and only the denoiser's calls are autocast (model.autocast): the scheduler
+        # arithmetic is that of fp32 sampling.
         return generation.generate(self.model, prompts, seeds, settings, truncation_steps=truncation,
                                    with_kl=self.computes_kl and not base_only, base_only=base_only,
                                    lv_samples=lv_samples, checkpoint_denoiser=denoiser_checkpointing(cfg).per_call)
@@ -294,16 +308,16 @@ class Trainer:
         cfg = self.cfg
         self.set_lr(step)
         scores, kls, losses, truncations = [], [], [], []
+        # Sharded, every micro-batch's backward reduce-scatters its gradients into the shards (FSDP2's default):
+        # one reduce-scatter per micro-batch instead of one per step, for 1/world of the gradient memory; without
+        # sync until the last one, each process would hold the whole unsharded fp32 gradient in between.
         for micro in range(cfg.grad_accum):
-            if self.sharded:  # reduce-scatter the gradients once, after the last micro-batch
-                self.model.unet.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
             positions = micro_batch_positions(cfg, step, micro, self.dist)
             batch_prompts = [self.stream.prompt(p) for p in positions]
             seeds = [self.stream.noise_seed(p) for p in positions]
             truncation = truncation_for(cfg, positions[0])
-            with self.autocast():
-                images, kl = self.rollout(batch_prompts, seeds, truncation, cfg.lv_samples)
-                score = self.reward(images, batch_prompts * max(1, cfg.lv_samples))
+            images, kl = self.rollout(batch_prompts, seeds, truncation, cfg.lv_samples)
+            score = self.reward(images, batch_prompts * max(1, cfg.lv_samples))
             loss = -score.float().mean()
             if cfg.kl_coeff > 0:
                 loss = loss + cfg.kl_coeff * kl.float()
@@ -379,20 +393,18 @@ class Trainer:
     def validation_grid(self, step: int, val_prompts: list[str]):
         """Base and tuned side by side on the same noise, each captioned with its reward; rank 0 writes it."""
         seeds = [utils.derive_seed(self.cfg.seed, 3, i) for i in range(len(val_prompts))]
-        with self.autocast():
-            base_images, _ = self.rollout(val_prompts, seeds, 0, base_only=True)
-            with self.validation_weights():
-                tuned_images, _ = self.rollout(val_prompts, seeds, 0)
-            base_scores = self.reward(base_images, val_prompts).float()
-            tuned_scores = self.reward(tuned_images, val_prompts).float()
+        base_images, _ = self.rollout(val_prompts, seeds, 0, base_only=True)
+        with self.validation_weights():
+            tuned_images, _ = self.rollout(val_prompts, seeds, 0)
+        base_scores = self.reward(base_images, val_prompts).float()
+        tuned_scores = self.reward(tuned_images, val_prompts).float()
         rows = [list(pair) for pair in zip(utils.to_pil(base_images), utils.to_pil(tuned_images))]
         captions = [[f"base {b:.3g}\n{prompt}", f"tuned {t:.3g}"]
                     for prompt, b, t in zip(val_prompts, base_scores.tolist(), tuned_scores.tolist())]
         if self.dist.is_main:
             grid = utils.image_grid(rows, captions, header=["base", f"step {step}"])
-            folder = os.path.join(self.cfg.run_dir, "val")
-            os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, f"step-{step:07d}.png")
+            path = validation_grid_path(self.cfg.run_dir, step)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             utils.write_atomic_file(path, lambda tmp: grid.save(tmp, format="PNG"))
         return {"val_reward_base": base_scores.mean().item(), "val_reward_tuned": tuned_scores.mean().item()}
 
@@ -409,7 +421,7 @@ class Trainer:
             return evaluation.rendered_as_saved(self.model, one_set, batch, settings, cfg.val_metrics_seed)
 
         alone = utils.Dist(0, 1, 0, self.dist.device)  # each validating process measures every prompt
-        with self.autocast(), self.validation_weights():
+        with self.validation_weights():
             records = evaluation.score_share([image_set], self.val_scorers, images_of, cfg.batch_size, alone,
                                              show_bar=False)
         results = evaluation.summarize([image_set], list(self.val_scorers), records)["draft"]["metrics"]
@@ -435,16 +447,22 @@ def full_value(norm: torch.Tensor) -> float:
 # Sharding (FSDP2)
 
 
-def shard(model: models.DiffusionModel, amp: torch.dtype | None) -> None:
-    """Shard the trainable UNet and its frozen base per block, so a process holds 1/world of their
-    weights (and of the gradients and optimizer state) and gathers one block's at a time."""
+def sharding(amp: torch.dtype | None):
+    """FSDP2's fully_shard of one module, computing in `amp` (None: the weights' own dtype) and reducing
+    gradients in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32)
-    for network, mp_policy in ((model.unet, policy), (model.frozen_base, MixedPrecisionPolicy())):
-        for unit in model.family.shard_units(network):
-            fully_shard(unit, mp_policy=mp_policy)
-        fully_shard(network, mp_policy=mp_policy)
+    return lambda module: fully_shard(module, mp_policy=policy)
+
+
+def shard(model: models.DiffusionModel, shard_one) -> None:
+    """Shard the trainable denoiser per block (its family's shard_units), so a process holds 1/world of its
+    weights (and of the gradients and optimizer state) and gathers one block's at a time. Its frozen base is
+    sharded as it is made (models.frozen_copy)."""
+    for unit in model.family.shard_units(model.denoiser):
+        shard_one(unit)
+    shard_one(model.denoiser)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,14 +474,81 @@ def run_record(cfg: TrainConfig, world_size: int) -> dict:
     return {**asdict(cfg), "world_size": world_size}
 
 
-def save_checkpoint(trainer: Trainer, step: int, export: bool) -> str:
+# What a model card lists of a run's settings, in this order.
+CARD_SETTINGS = ("reward", "prompts", "truncation_steps", "truncation_range", "lv_samples", "kl_coeff",
+                 "inference_steps", "guidance_scale", "scheduler", "eta", "resolution", "batch_size", "grad_accum",
+                 "lr", "steps", "lora_rank", "lora_alpha", "full_finetune", "ema_decay", "seed")
+
+
+def training_command(world_size: int) -> str:
+    launcher = f"torchrun --nproc_per_node={world_size} train.py" if world_size > 1 else "python train.py"
+    return " ".join([launcher, *map(shlex.quote, sys.argv[1:])])
+
+
+def model_card(cfg: TrainConfig, world_size: int, step: int, metrics: dict, ema: bool = False):
+    """The Hub's model card of a checkpoint folder, in the format of diffusers' own training scripts:
+    the YAML metadata of `load_or_create_model_card(from_training=True)` from diffusers' template, and
+    their tags through `populate_model_card`. The template is filled in directly rather than through
+    load_or_create_model_card, which first looks the card up on the Hub by repo id: a local folder has
+    none, offline it cannot look, and online a repo of the same name would lend us its card."""
+    from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base_model = None if os.path.isdir(cfg.model) else cfg.model  # a local folder is no Hub id
+    kind = "full fine-tune" if cfg.full_finetune else "LoRA"
+    usage = ("pipe.load_lora_weights(\"PATH_OR_HUB_ID_OF_THIS_FOLDER\")"
+             if not cfg.full_finetune else "# load the tuned denoiser folder of this checkpoint into the pipeline")
+    settings = "\n".join(f"| `{utils.flag(name)}` | `{getattr(cfg, name)}` |" for name in CARD_SETTINGS)
+    logged = "\n".join(f"| `{name}` | {value:.6g} |" for name, value in metrics.items()
+                        if isinstance(value, (int, float)) and not isinstance(value, bool))
+    description = f"""# DRaFT+ {kind} of {cfg.model}, step {step}{" (exponential moving average)" if ema else ""}
+
+Reward fine-tuning by back-propagation through the last {cfg.truncation_steps} sampler step(s) with a KL
+penalty to the base model (DRaFT+), against the reward `{cfg.reward}`, trained with draftp:
+
+```
+{training_command(world_size)}
+```
+
+| setting | value |
+| --- | --- |
+{settings}
+| processes | `{world_size}` |
+
+Logged at step {step} (`log.jsonl` of the run has every step):
+
+| metric | value |
+| --- | --- |
+{logged}
+
+```python
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained("{cfg.model}")
+{usage}
+```"""
+    card = ModelCard.from_template(
+        card_data=ModelCardData(library_name="diffusers", base_model=base_model, inference=True),
+        template_path=MODEL_CARD_TEMPLATE_PATH, model_description=description)
+    tags = ["text-to-image", "diffusers", "diffusers-training", "lora" if not cfg.full_finetune else "full-finetune",
+            "draft", "reward-fine-tuning", *(name.split(":")[0] for name in cfg.reward.split(","))]
+    return populate_model_card(card, tags=tags)
+
+
+def save_checkpoint(trainer: Trainer, step: int, export: bool, metrics: dict | None = None) -> str:
     """Write the tuned weights, optimizer, RNG and data position, and the config, atomically: into a
     temporary folder renamed into place, so a killed save leaves nothing a resume would read.
 
-    Unsharded, rank 0 writes everything, and every rank's weight fingerprint is recorded: they must
-    agree, and a mismatch means the ranks drifted apart (non-deterministic kernels, a missed
-    all-reduce). With --fsdp every rank writes its shards (`export`: rank 0 also a consolidated unet/)."""
+    Unsharded, rank 0 writes everything, once every rank's weight fingerprint agrees with the others:
+    a mismatch means the replicas drifted apart (model folders that differ between nodes,
+    non-deterministic kernels, a missed all-reduce), and ends the run instead of saving rank 0's
+    weights as if they were everyone's. With --fsdp every rank writes its shards (`export`: rank 0
+    also a consolidated unet/)."""
     cfg = trainer.cfg
+    fingerprints = None if cfg.fsdp else utils.gather_objects(weights_fingerprint(trainer.model))
+    if fingerprints is not None and (odd := disagreeing_ranks(fingerprints)):
+        raise ReplicasDisagree(f"the replicas' weights disagree at step {step}: rank {', '.join(map(str, odd))} "
+                               f"{'holds' if len(odd) == 1 else 'hold'} other weights than the rest of the "
+                               f"{len(fingerprints)} processes; checkpoint not saved")
     folder = utils.checkpoint_dir(cfg.run_dir, step)
     tmp = os.path.join(os.path.dirname(folder), ".tmp-" + os.path.basename(folder))  # the same name on every rank
     if trainer.dist.is_main:
@@ -472,25 +557,36 @@ def save_checkpoint(trainer: Trainer, step: int, export: bool) -> str:
     utils.barrier()
     if cfg.fsdp:
         save_sharded(trainer, tmp, export)
-        fingerprints = None
-    else:
-        fingerprints = utils.gather_objects(weights_fingerprint(trainer.model))
-        if trainer.dist.is_main:
-            models.save_tuned(trainer.model, tmp)
-            if trainer.ema is not None:  # in the same formats, so stock loaders read it as they read the raw ones
-                with trainer.ema_weights():
-                    models.save_tuned(trainer.model, os.path.join(tmp, models.EMA_DIR))
+    elif trainer.dist.is_main:
+        models.save_tuned(trainer.model, tmp)
+        if trainer.ema is not None:  # in the same formats, so stock loaders read it as they read the raw ones
+            with trainer.ema_weights():
+                models.save_tuned(trainer.model, os.path.join(tmp, models.EMA_DIR))
+            model_card(cfg, trainer.dist.world_size, step, metrics or {}, ema=True).save(
+                os.path.join(tmp, models.EMA_DIR, "README.md"))
     if trainer.dist.is_main:
         optimizer = {} if cfg.fsdp else {"optimizer": trainer.optimizer.state_dict()}
         torch.save({**optimizer, "scaler": trainer.scaler.state_dict(), "rng": torch.get_rng_state()},
                    os.path.join(tmp, "trainer_state.pt"))
         utils.save_json(os.path.join(tmp, "state.json"), {"step": step, "rank_fingerprints": fingerprints})
         utils.save_json(os.path.join(tmp, "config.json"), run_record(cfg, trainer.dist.world_size))
+        model_card(cfg, trainer.dist.world_size, step, metrics or {}).save(os.path.join(tmp, "README.md"))
         if os.path.exists(folder):
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     utils.barrier()
     return folder
+
+
+class ReplicasDisagree(Exception):
+    pass
+
+
+def disagreeing_ranks(fingerprints: list[str]) -> list[int]:
+    """The ranks whose weights differ from those most ranks hold (on a tie, from rank 0's)."""
+    counts = {fingerprint: fingerprints.count(fingerprint) for fingerprint in fingerprints}
+    reference = max(counts, key=lambda fingerprint: (counts[fingerprint], fingerprint == fingerprints[0]))
+    return [rank for rank, fingerprint in enumerate(fingerprints) if fingerprint != reference]
 
 
 def weights_fingerprint(model: models.DiffusionModel) -> str:
@@ -538,22 +634,60 @@ def restore_sharded(trainer: Trainer, folder: str) -> None:
     set_state_dict(unet, trainer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
+def resume(trainer: Trainer) -> tuple[int, str | None]:
+    """The step to start from and the checkpoint it comes from (0, None for a fresh run): rank 0 looks
+    for the run dir's latest complete checkpoint, and every rank follows it."""
+    latest = utils.broadcast_from_main(lambda: utils.latest_checkpoint(trainer.cfg.run_dir))
+    if latest is None:
+        return 0, None
+    return restore_checkpoint(trainer, latest), latest
+
+
 def restore_checkpoint(trainer: Trainer, folder: str) -> int:
-    """Load weights, optimizer, RNG and position; a damaged checkpoint ends in one line."""
-    try:
-        state = torch.load(os.path.join(folder, "trainer_state.pt"), map_location="cpu", weights_only=True)
-        if trainer.cfg.fsdp:
+    """Load weights, optimizer, RNG and position into every rank's trainer; a damaged checkpoint ends in
+    one line. Rank 0 alone reads the files and sends every rank what it read, so that ranks on nodes
+    that share no filesystem resume exactly as on a shared run dir; with --fsdp each rank reads its own
+    shards, from the run dir that all of them see (checked at start)."""
+    state = utils.broadcast_from_main(lambda: read_checkpoint(trainer, folder), trainer.dist.device)
+    if trainer.cfg.fsdp:
+        with reported_as_damage(folder):
             restore_sharded(trainer, folder)
-        else:
-            models.load_tuned_into_training(trainer.model, folder)
-            if trainer.ema is not None:  # loaded into the parameters while they hold the average: fp32, exact
-                with trainer.ema_weights():
-                    models.load_tuned_into_training(trainer.model, os.path.join(folder, models.EMA_DIR))
-            trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
+    else:
+        with torch.no_grad():
+            for param, weight in zip(models.trainable_parameters(trainer.model), state["weights"]):
+                param.copy_(weight)
+            for average, weight in zip(trainer.ema or [], state["ema"]):
+                average.copy_(weight)
+        trainer.model.lora_changed()
+        trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"].cpu())
+    return state["step"]
+
+
+def read_checkpoint(trainer: Trainer, folder: str) -> dict:
+    """What every rank restores from `folder`, read on one: the step, scaler and RNG, and unsharded the
+    trainable weights, their EMA and the optimizer state (read into this rank's trainer, through the
+    loaders of their on-disk formats)."""
+    with reported_as_damage(folder):
+        state = torch.load(os.path.join(folder, "trainer_state.pt"), map_location="cpu", weights_only=True)
         with open(os.path.join(folder, "state.json")) as f:
-            return json.load(f)["step"]
+            restored = {"step": json.load(f)["step"], "scaler": state["scaler"], "rng": state["rng"]}
+        if trainer.cfg.fsdp:
+            return restored
+        models.load_tuned_into_training(trainer.model, folder)
+        if trainer.ema is not None:  # loaded into the parameters while they hold the average: fp32, exact
+            with trainer.ema_weights():
+                models.load_tuned_into_training(trainer.model, os.path.join(folder, models.EMA_DIR))
+        trainer.optimizer.load_state_dict(state["optimizer"])
+    return {**restored, "weights": [param.detach() for param in models.trainable_parameters(trainer.model)],
+            "ema": trainer.ema or [], "optimizer": trainer.optimizer.state_dict()}
+
+
+@contextlib.contextmanager
+def reported_as_damage(folder: str):
+    try:
+        yield
     except UsageError:
         raise
     except Exception as error:  # any damage: truncated file, wrong format, missing key
@@ -564,21 +698,35 @@ def restore_checkpoint(trainer: Trainer, folder: str) -> int:
 # Flags whose default depends on the model family: None until the family is read from the model folder.
 FAMILY_DEFAULTED = (*dict.fromkeys(flag for family in families.FAMILIES for flag in family.defaults), "resolution")
 # Fields a resume may change: they shape neither the weights nor the data order.
-MUTABLE_ON_RESUME = {"steps", "save_every", "val_every", "log_every", "wandb", "wandb_project", "device",
+MUTABLE_ON_RESUME = {"steps", "save_every", "val_every", "log_every", "wandb", "wandb_project", "device", "threads",
                      "offload_text_encoders", "export_every", "run_dir",  # a run dir may be moved or copied
+                     "require_run_dir_lock",
                      "val_metrics", "val_metrics_prompts", "val_metrics_num_prompts", "val_metrics_repeats",
                      "val_metrics_seed"}
+
+
+def recorded_run(run_dir: str) -> dict | None:
+    """The config.json of the run dir, as rank 0 reads it and every rank receives it (nodes may share no
+    filesystem: the run dir of another node may be empty, or another run's)."""
+
+    def read() -> dict | None:
+        path = os.path.join(run_dir, "config.json")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    return utils.broadcast_from_main(read)
 
 
 def check_same_run(cfg: TrainConfig, world_size: int) -> TrainConfig:
     """A run dir belongs to one configuration; only --steps (and logging cadence) may change on resume.
     On another number of processes the global batch is kept, by --grad-accum, or the resume is refused.
-    Runs before anything is loaded, so a mismatch costs no minutes of loading."""
-    path = os.path.join(cfg.run_dir, "config.json")
-    if not os.path.exists(path):
+    Runs before anything is loaded, so a mismatch costs no minutes of loading. Every rank decides from
+    rank 0's record, so all follow the same configuration."""
+    previous = recorded_run(cfg.run_dir)
+    if previous is None:
         return cfg
-    with open(path) as f:
-        previous = json.load(f)
     previous_world = previous.get("world_size", world_size)
     free = MUTABLE_ON_RESUME
     if world_size != previous_world:
@@ -608,40 +756,58 @@ def keep_global_batch(cfg: TrainConfig, previous: dict, previous_world: int, wor
     grad_accum = batch // per_micro_batch
     if grad_accum != cfg.grad_accum:
         utils.print0(f"resuming a {previous_world}-process run on {world_size}: --grad-accum {grad_accum} "
-                     f"keeps its global batch of {batch}")
+                     f"keeps its global batch of {batch}{resume_memory_note(cfg, previous_world, world_size)}")
     return replace(cfg, grad_accum=grad_accum)
+
+
+def resume_memory_note(cfg: TrainConfig, previous_world: int, world_size: int) -> str:
+    """What another number of processes does to each one's memory: accumulating gradients over more
+    micro-batches costs time, not memory (they add into the same buffers; sharded ones stay sharded),
+    but with --fsdp each process holds another share of the weights, gradients and optimizer state."""
+    if not cfg.fsdp:
+        return " (more micro-batches per step take more time, not more memory)"
+    return (f" (gradients stay sharded across micro-batches; each process now holds 1/{world_size} of the "
+            f"weights, gradients and Adam state instead of 1/{previous_world}: x{previous_world / world_size:.3g} "
+            "their memory per process)")
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def build(cfg: TrainConfig, dist: utils.Dist) -> Trainer:
+def build(cfg: TrainConfig, dist: utils.Dist, load_model=models.load_model, load_reward=rewards.load_reward) -> Trainer:
+    """`load_model` and `load_reward` (same arguments as the defaults) replace the loaders where the networks
+    come from elsewhere: bench.py's real shapes build them from their configs with random weights."""
     cfg = resolved(cfg, models.detect_family(cfg.model))
     amp = autocast_dtype(cfg, dist.device)
     weights_dtype = amp or torch.float32  # of everything frozen; trainable weights are fp32
-    # Full fine-tuning starts from the checkpoint's own precision, then casts what stays frozen.
-    model = models.load_model(cfg.model, dist.device, torch.float32 if cfg.full_finetune else weights_dtype,
-                              cfg.scheduler, generation.text_encoding(cfg))
+    # What stays frozen loads in the training dtype; a full fine-tune's denoiser in fp32, whose frozen copy
+    # is then made in the training dtype (sharded unit by unit with --fsdp).
+    model = load_model(cfg.model, dist.device, weights_dtype, cfg.scheduler, generation.text_encoding(cfg),
+                       denoiser_dtype=torch.float32 if cfg.full_finetune else None)
     generation.checked_resolution(model, cfg.resolution)
+    sharded = cfg.fsdp and dist.world_size > 1
+    model.autocast = amp
     if cfg.full_finetune:
-        models.enable_full_finetune(model, weights_dtype)
+        units, shard_base = (model.family.shard_units(model.denoiser), sharding(None)) if sharded else ((), None)
+        models.enable_full_finetune(model, weights_dtype, units, shard_base)
     else:
         models.attach_lora(model, cfg.lora_rank, cfg.lora_alpha)
     if cfg.gradient_checkpointing:
         model.pipe.vae.enable_gradient_checkpointing()
     if denoiser_checkpointing(cfg).blocks:
         model.denoiser.enable_gradient_checkpointing()
-    sharded = cfg.fsdp and dist.world_size > 1
     if sharded:
-        shard(model, amp)
-    reward = rewards.load_reward(cfg.reward, rewards.parse_reward_sources(cfg.reward_source), dtype=weights_dtype,
-                                 device=dist.device, gradient_checkpointing=cfg.gradient_checkpointing)
+        shard(model, sharding(amp))
+    # Rewards run outside autocast in their own dtype: bf16 has fp32's range, fp16 would overflow in their towers.
+    reward_dtype = torch.bfloat16 if amp == torch.bfloat16 else torch.float32
+    reward = load_reward(cfg.reward, rewards.parse_reward_sources(cfg.reward_source), dtype=reward_dtype,
+                         device=dist.device, gradient_checkpointing=cfg.gradient_checkpointing)
     params = models.trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp == torch.float16)
     stream = PromptStream(prompt_sets.load_prompts(cfg.prompts), cfg.seed)
     ema = new_ema(params) if cfg.ema_decay is not None else None
-    trainer = Trainer(cfg, dist, model, reward, optimizer, scaler, stream, amp, sharded, ema)
+    trainer = Trainer(cfg, dist, model, reward, optimizer, scaler, stream, sharded, ema)
     if cfg.val_metrics and cfg.val_every and trainer.validates:
         setup = evaluation.MetricSetup(dist.device, rewards.parse_reward_sources(cfg.reward_source),
                                        dreamsim_cache="~/.cache/dreamsim")
@@ -650,18 +816,31 @@ def build(cfg: TrainConfig, dist: utils.Dist) -> Trainer:
     return trainer
 
 
+WANDB_RUN = "wandb-run.json"  # in the run dir: the id of its wandb run, so that a resume continues that run
+
+
 def start_wandb(cfg: TrainConfig, start: int):
-    """A wandb run of its own per run dir; a resume rewinds it to the checkpoint's step, so the steps run
-    again replace those logged after it instead of being dropped as already seen."""
-    try:
-        import wandb
-    except ImportError:
-        raise UsageError("--wandb needs the wandb package: pip install wandb") from None
-    run_id = format(utils.derive_seed(*map(ord, os.path.abspath(cfg.run_dir))), "x")
+    """A wandb run of its own per run dir, its id kept in the run dir (which may move). A resume rewinds
+    that run to the checkpoint's step (wandb's `resume_from`), so the steps run again replace those logged
+    after it, as in log.jsonl; a start from step 0 begins a new run."""
+    import wandb
+
+    path = os.path.join(cfg.run_dir, WANDB_RUN)
     common = dict(project=cfg.wandb_project, config=asdict(cfg), dir=cfg.run_dir)
-    if start == 0:
-        return wandb.init(id=run_id, resume="allow", **common)
-    return wandb.init(resume_from=f"{run_id}?_step={start}", **common)
+    if start > 0 and os.path.exists(path):
+        with open(path) as f:
+            run_id = json.load(f)["id"]
+        return wandb.init(resume_from=f"{run_id}?_step={start}", **common)
+    run = wandb.init(**common)
+    utils.save_json(path, {"id": run.id, "project": cfg.wandb_project})
+    return run
+
+
+def log_to_wandb(run, record: dict, step: int, images: dict[str, str]) -> None:
+    """One history row per step: its scalars and the images (name -> PNG path) drawn at it."""
+    import wandb
+
+    run.log({**record, **{name: wandb.Image(path) for name, path in images.items()}}, step=step)
 
 
 def status_line(step: int, total: int, record: dict) -> str:
@@ -683,16 +862,34 @@ def spread(items: list, count: int) -> list:
 CURVES = (("reward_mean", "training reward"), ("kl", "KL"), ("grad_norm", "gradient norm"))
 
 
-def write_curves(records: list[dict], path: str) -> None:
-    """The training reward, KL and gradient norm, and each val/<name>, against step: one chart each."""
-    names = [*CURVES, *((key, key) for key in dict.fromkeys(k for r in records for k in r if k.startswith("val/")))]
-    charts = []
-    for key, title in names:
+def curves_figure(records: list[dict]):
+    """The training reward, KL and gradient norm against step, each a noisy per-step value drawn faint under
+    its moving average; and each val/<name>, measured every --val-every steps, as markers. One panel each."""
+    panels = []
+    for key, title in CURVES:
         points = [plots.Point(r["step"], r[key]) for r in records if r.get(key) is not None]
-        charts.append(plots.chart([plots.Series("", points, joined=True, labelled=False)], "step", key, title,
-                                  size=(480, 320)))
-    sheet = plots.side_by_side(charts, columns=3)
-    utils.write_atomic_file(path, lambda tmp: sheet.save(tmp, format="PNG"))
+        series = plots.Series(title, points, smoothing=plots.smoothing_weight(len(points)))
+        panels.append(plots.Panel([series], "step", key, title))
+    for key in dict.fromkeys(k for r in records for k in r if k.startswith("val/")):
+        points = [plots.Point(r["step"], r[key]) for r in records if r.get(key) is not None]
+        panels.append(plots.Panel([plots.Series("", points, joined=True, labelled=False)], "step", key, key))
+    return plots.figure(panels, columns=3, panel_size=(480, 320))
+
+
+def latest_metrics(records: list[dict]) -> dict:
+    """Each logged metric's latest value (validation metrics are logged only every --val-every steps)."""
+    latest = {}
+    for record in records:
+        latest.update({key: value for key, value in record.items() if value is not None and key not in ("step", "bad")})
+    return latest
+
+
+def validation_grid_path(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "val", f"step-{step:07d}.png")
+
+
+def write_curves(records: list[dict], path: str) -> None:
+    plots.save_png(curves_figure(records), path)
 
 
 def baseline_val_metrics(trainer: Trainer, log: utils.JsonlLog, run) -> None:
@@ -707,48 +904,51 @@ def baseline_val_metrics(trainer: Trainer, log: utils.JsonlLog, run) -> None:
 
 
 def run_steps(trainer: Trainer, start: int, log: utils.JsonlLog, run, val_prompts: list[str]) -> str | None:
-    """Steps `start` .. cfg.steps with logging, validation grids and checkpoints; raises Diverged.
-    Returns the last checkpoint written."""
+    """Steps `start` .. cfg.steps with logging, validation grids and checkpoints; raises Diverged and
+    ReplicasDisagree. Returns the last checkpoint written."""
     cfg, dist = trainer.cfg, trainer.dist
     bad_streak, saved = 0, None
     memory = utils.MemoryMeter(dist.device)
     if start == 0 and cfg.val_metrics and cfg.val_every:
         baseline_val_metrics(trainer, log, run)
-    bar = tqdm(total=cfg.steps, initial=start, disable=not dist.is_main, desc="train", dynamic_ncols=True)
-    for step in range(start, cfg.steps):
-        done = step + 1
-        timer = utils.Timer()
-        memory.reset_peak()
-        record = trainer.step(step)
-        seconds = timer.seconds()
-        record.update(step=done, sec_per_step=seconds, images_per_s=global_batch(cfg, dist.world_size) / seconds,
-                      peak_mem_mb=memory.peak_mb(), mem_growth_mb=memory.growth_mb())
-        bad_streak = bad_streak + 1 if record["bad"] else 0
-        if record["bad"]:
-            bar.write(f"warning: non-finite loss or gradient at step {done}; optimizer step skipped", file=sys.stderr)
-            if bad_streak >= cfg.max_bad_steps:
-                bar.close()
-                raise Diverged(f"{bad_streak} bad steps in a row at step {done}")
-        validating = bool(cfg.val_every) and (done % cfg.val_every == 0 or done == cfg.steps)
-        if validating:
-            if trainer.validates:
-                record.update(trainer.validation_grid(done, val_prompts))
-                if trainer.val_scorers:
-                    record.update(trainer.validation_metrics())
-            utils.barrier()
-        if dist.is_main:
-            log.write(record)
-            if run is not None:
-                run.log(record, step=done)
-            if validating or done == cfg.steps:
-                write_curves(log.records(), os.path.join(cfg.run_dir, "curves.png"))
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                bar.write(status_line(done, cfg.steps, record))
-        bar.update(1)
-        # Inside a run of bad steps nothing is saved, so the newest checkpoint stays a good one; the
-        # last step is always saved (a bad step changed no weight).
-        if done == cfg.steps or (bad_streak == 0 and done % cfg.save_every == 0):
-            export = done == cfg.steps or bool(cfg.export_every and done % cfg.export_every == 0)
-            saved = save_checkpoint(trainer, done, export)
-    bar.close()
+    # closed however the loop ends, so that a stop's one line is the last on the terminal
+    with tqdm(total=cfg.steps, initial=start, disable=not dist.is_main, desc="train", dynamic_ncols=True) as bar:
+        for step in range(start, cfg.steps):
+            done = step + 1
+            timer = utils.Timer()
+            memory.reset_peak()
+            record = trainer.step(step)
+            seconds = timer.seconds()
+            record.update(step=done, sec_per_step=seconds, images_per_s=global_batch(cfg, dist.world_size) / seconds,
+                          peak_mem_mb=memory.peak_mb(), mem_growth_mb=memory.growth_mb())
+            bad_streak = bad_streak + 1 if record["bad"] else 0
+            if record["bad"]:
+                bar.write(f"warning: non-finite loss or gradient at step {done}; optimizer step skipped", file=sys.stderr)
+                if bad_streak >= cfg.max_bad_steps:
+                    raise Diverged(f"{bad_streak} bad steps in a row at step {done}")
+            validating = bool(cfg.val_every) and (done % cfg.val_every == 0 or done == cfg.steps)
+            if validating:
+                if trainer.validates:
+                    record.update(trainer.validation_grid(done, val_prompts))
+                    if trainer.val_scorers:
+                        record.update(trainer.validation_metrics())
+                utils.barrier()
+            if dist.is_main:
+                log.write(record)
+                images = {}
+                if validating and trainer.validates:
+                    images["val/grid"] = validation_grid_path(cfg.run_dir, done)
+                if validating or done == cfg.steps:
+                    images["curves"] = os.path.join(cfg.run_dir, "curves.png")
+                    write_curves(log.records(), images["curves"])
+                if run is not None:
+                    log_to_wandb(run, record, done, images)
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    bar.write(status_line(done, cfg.steps, record))
+            bar.update(1)
+            # Inside a run of bad steps nothing is saved, so the newest checkpoint stays a good one; the
+            # last step is always saved (a bad step changed no weight).
+            if done == cfg.steps or (bad_streak == 0 and done % cfg.save_every == 0):
+                export = done == cfg.steps or bool(cfg.export_every and done % cfg.export_every == 0)
+                saved = save_checkpoint(trainer, done, export, latest_metrics(log.records()) if dist.is_main else {})
     return saved

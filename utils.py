@@ -74,13 +74,17 @@ class Dist:
         return self.rank == 0
 
 
-def cli_with_presets(config_class, presets: dict[str, dict], description: str, args: list[str] | None = None):
-    """Parse the command line over the defaults of its --preset: a preset only changes defaults, so every
-    flag given still wins. Without --preset the class's own defaults (those of real use) apply."""
+def cli_with_presets(config_class, presets: dict[str, dict], description: str, args: list[str] | None = None,
+                     protocols: dict[str, dict] | None = None):
+    """Parse the command line over the defaults of its --preset, and of its --protocol (of `protocols`)
+    where the config has one: they only change defaults, so every flag given still wins. Without them the
+    class's own defaults (those of real use) apply."""
     cfg = tyro.cli(config_class, args=args, description=description)
-    if cfg.preset not in presets:
+    chosen = {"preset": cfg.preset, **({"protocol": cfg.protocol} if protocols else {})}
+    settings = {**presets.get(cfg.preset, {}), **(protocols or {}).get(chosen.get("protocol"), {})}
+    if not settings:
         return cfg
-    defaults = config_class(preset=cfg.preset, **presets[cfg.preset])
+    defaults = config_class(**chosen, **settings)
     return tyro.cli(config_class, args=args, default=defaults, description=description)
 
 
@@ -176,6 +180,79 @@ def gather_objects(obj) -> list:
     return gathered
 
 
+def broadcast_from_main(make, device: torch.device | None = None):
+    """Rank 0's `make()` on every rank, which rank 0 alone calls: nodes may share no filesystem, so what
+    it decides or reads (a run dir's record, the checkpoint to resume and its contents) holds everywhere.
+    Tensors of more than one element travel one by one on `device` (a device the backend serves), the
+    rest pickled; the other ranks receive them on `device` (needed only where there are such tensors). A
+    UsageError of `make` is raised on every rank."""
+    if not dist.is_initialized():
+        return make()
+    value, error, tensors = None, None, []
+    if dist.get_rank() == 0:
+        try:
+            value = make()
+        except UsageError as raised:
+            error = str(raised)
+        skeleton = _tensors_taken_out(value, tensors)
+        header = [(skeleton, error, [(tensor.shape, tensor.dtype) for tensor in tensors])]
+    else:
+        header = [None]
+    dist.broadcast_object_list(header)
+    skeleton, error, shapes = header[0]
+    if error is not None:
+        raise UsageError(error)
+    if dist.get_rank() == 0:
+        received = [tensor.detach().to(device) for tensor in tensors]
+    else:
+        received = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in shapes]
+    for tensor in received:
+        check_served(tensor)
+        dist.broadcast(tensor, src=0)
+    return value if dist.get_rank() == 0 else _tensors_put_back(skeleton, received)
+
+
+class _TensorSlot(int):
+    """Where a tensor sent on its own sits in a broadcast structure: its index in the tensor list."""
+
+
+def _tensors_taken_out(value, tensors: list):
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        tensors.append(value)
+        return _TensorSlot(len(tensors) - 1)
+    if isinstance(value, dict):
+        return {key: _tensors_taken_out(item, tensors) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_tensors_taken_out(item, tensors) for item in value)
+    return value
+
+
+def _tensors_put_back(value, tensors: list):
+    if isinstance(value, _TensorSlot):
+        return tensors[value]
+    if isinstance(value, dict):
+        return {key: _tensors_put_back(item, tensors) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_tensors_put_back(item, tensors) for item in value)
+    return value
+
+
+def in_turns_per_node(dist_info: Dist, load):
+    """`load()` on every process of `dist_info`, first on rank 0, then on the other nodes' local rank 0,
+    then on the rest, the others waiting: what it downloads into a node's home (DreamSim's weights) is
+    fetched once per node, never by two processes into one folder at once, and once in all where the
+    nodes share their home."""
+    if dist_info.world_size == 1:
+        return load()
+    turn = 0 if dist_info.is_main else 1 if dist_info.local_rank == 0 else 2
+    result = None
+    for current in range(3):
+        if turn == current:
+            result = load()
+        barrier()
+    return result
+
+
 def print0(*args, **kwargs) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)
@@ -238,10 +315,14 @@ class JsonlLog:
         write_atomic_file(self.path, write)
 
 
-def hold_run_dir(run_dir: str):
+def hold_run_dir(run_dir: str, required: bool = False):
     """An exclusive lock on the run dir for as long as this process lives (the OS releases it when the
-    process ends, even by kill -9, so a resume is never blocked). Returns the open lock file, to keep."""
-    handle = open(os.path.join(run_dir, ".lock"), "a+")
+    process ends, even by kill -9, so a resume is never blocked). Returns the open lock file, to keep.
+    Where the filesystem cannot lock (NFS without a lock manager, Lustre without its flock option) the
+    run goes on unlocked after one line saying so, or, `required`, is refused."""
+    path = os.path.join(run_dir, ".lock")
+    existed = os.path.exists(path)
+    handle = open(path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -250,11 +331,54 @@ def hold_run_dir(run_dir: str):
         handle.close()
         raise UsageError(f"--run-dir {run_dir!r} is in use by a training ({holder}); wait for it to end "
                          "or use another --run-dir") from None
+    except OSError as error:  # ENOLCK, EOPNOTSUPP, ENOSYS: no locks on this filesystem, not a holder
+        handle.close()
+        if not existed:  # a lock file that locks nothing would only mislead
+            os.remove(path)
+        consequence = (f"--run-dir {run_dir!r} cannot be locked on its filesystem ({error.strerror}), so nothing "
+                       "would stop a second training on it from overwriting this one's checkpoints")
+        if required:
+            raise UsageError(f"{consequence}; use a run dir on a filesystem with flock, or leave out "
+                             f"{flag('require_run_dir_lock')} and start one training per run dir") from None
+        print(f"warning: {consequence}: start one training per run dir ({flag('require_run_dir_lock')} "
+              "refuses instead)", file=sys.stderr, flush=True)
+        return None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
     handle.flush()
     return handle
+
+
+def check_run_dir_shared(run_dir: str, dist_info: Dist) -> None:
+    """Every rank must see what rank 0 writes into the run dir (sharded checkpoints are written there
+    by all and read back by all): rank 0 writes a file of its own making, every rank looks for it, and
+    a rank that cannot see it ends the run on every rank in one line, before anything is loaded or
+    trained. A run dir made for the probe is removed again: bad input found later leaves nothing behind."""
+    existed = os.path.isdir(run_dir)
+
+    def write_probe() -> str:
+        ensure_writable_dir(run_dir)
+        path = os.path.join(run_dir, f".shared-probe-{socket.gethostname()}-{os.getpid()}")
+        with open(path, "w") as f:
+            f.write(path)
+        return path
+
+    probe = broadcast_from_main(write_probe)
+    try:
+        with open(probe) as f:
+            sees = f.read() == probe
+    except OSError:
+        sees = False
+    blind = [rank for rank, saw in enumerate(gather_objects(sees)) if not saw]
+    if dist_info.is_main:
+        os.remove(probe)
+        if not existed:
+            os.rmdir(run_dir)
+    if blind:
+        raise UsageError(f"--run-dir {run_dir!r} is not shared: rank {', '.join(map(str, blind))} cannot see what "
+                         "rank 0 writes there, and --fsdp writes and reads every rank's shards in it; give a "
+                         "folder that every node mounts at the same path")
 
 
 def write_atomic_file(path: str, write_into) -> None:

@@ -193,11 +193,12 @@ def test_saved_lora_loads_into_a_stock_sdxl_pipeline_and_reproduces_our_images(t
 
 def gradients_by_checkpointing(model, tiny_clip, run_dir, truncation) -> list[tuple[training.Trainer, torch.Tensor]]:
     """(trainer, gradient of KL - reward over a K = `truncation` rollout) for each combination of
-    --gradient-checkpointing and --checkpoint-blocks, the plain one first."""
+    --gradient-checkpointing, --checkpoint-blocks and --checkpoint-calls-only, the plain one first."""
     results = []
-    for checkpointing, blocks in ((False, False), (True, False), (True, True), (False, True)):
+    for checkpointing, blocks, calls_only in ((False, False, False), (True, False, False), (True, True, False),
+                                              (False, True, False), (True, False, True)):
         cfg = train_config(model, tiny_clip, run_dir, batch_size=2, gradient_checkpointing=checkpointing,
-                           checkpoint_blocks=blocks, truncation_steps=truncation)
+                           checkpoint_blocks=blocks, checkpoint_calls_only=calls_only, truncation_steps=truncation)
         torch.manual_seed(0)  # the same LoRA A matrices in all
         trainer = training.build(cfg, utils.init_distributed("cpu"))
         with torch.no_grad():

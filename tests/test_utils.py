@@ -101,3 +101,33 @@ def test_drop_after_keeps_each_step_up_to_the_checkpoint(tmp_path):
     with open(log.path) as f:
         assert [json.loads(line) for line in f] == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0},
                                                     {"step": 3, "loss": 30.0}]
+
+
+def unlockable(monkeypatch):
+    """flock as on NFS without a lock manager or Lustre without its flock option (no such filesystem can be
+    mounted here): the call itself fails."""
+    import errno
+    import fcntl
+
+    def flock(*args):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+
+
+def test_a_run_dir_that_cannot_be_locked_warns_in_one_line_and_goes_on(tmp_path, monkeypatch, capsys):
+    unlockable(monkeypatch)
+    assert utils.hold_run_dir(str(tmp_path)) is None
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"warning: --run-dir {str(tmp_path)!r} cannot be locked on its "
+                                                   "filesystem (No locks available)"), lines
+    assert "--require-run-dir-lock refuses instead" in lines[0]
+    assert not os.listdir(tmp_path)  # no lock file that locks nothing
+
+
+def test_require_run_dir_lock_refuses_a_run_dir_that_cannot_be_locked(tmp_path, monkeypatch):
+    unlockable(monkeypatch)
+    with pytest.raises(UsageError, match="cannot be locked on its filesystem .No locks available., so nothing would "
+                                         "stop a second training .*; use a run dir on a filesystem with flock"):
+        utils.hold_run_dir(str(tmp_path), required=True)
+    assert not os.listdir(tmp_path)

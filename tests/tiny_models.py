@@ -9,28 +9,16 @@ import json
 import os
 
 import torch
-from tokenizers.pre_tokenizers import ByteLevel
+
+import shapes
+from shapes import write_t5_tokenizer  # noqa: F401 (tests use it from here too)
 
 TEXT_DIM = 32
 TOKEN_LENGTH = 16
 
 
 def write_clip_tokenizer(folder: str, max_length: int = TOKEN_LENGTH) -> str:
-    """A byte-level CLIP BPE tokenizer with no merges: every word splits into characters.
-
-    Written as vocab.json + merges.txt + tokenizer_config.json, the files of the real SD/CLIP
-    tokenizer folders, so `CLIPTokenizer.from_pretrained(folder)` loads it the same way.
-    """
-    os.makedirs(folder, exist_ok=True)
-    chars = sorted(ByteLevel.alphabet())
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump({token: i for i, token in enumerate(tokens)}, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"model_max_length": max_length, "tokenizer_class": "CLIPTokenizer"}, f)
-    return folder
+    return shapes.write_clip_tokenizer(folder, max_length)
 
 
 def clip_text_config(**overrides):
@@ -195,18 +183,6 @@ SD3_TEXT_DIM_2 = 48  # CLIP G is wider than CLIP L in SD3 as in SDXL
 SD3_POOLED_DIM = 16  # each CLIP's projection; the transformer takes both, concatenated
 SD3_JOINT_DIM = TEXT_DIM + SD3_TEXT_DIM_2  # T5's width: both CLIPs' hidden states are zero-padded to it
 SD3_LATENT_CHANNELS = 16
-
-
-def write_t5_tokenizer(folder: str) -> str:
-    """A real T5 (Unigram) tokenizer with one piece per lowercase letter, with and without the word
-    boundary mark, saved as the tokenizer.json + tokenizer_config.json of SD3's tokenizer_3 folder."""
-    from transformers import T5TokenizerFast
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-             + [(c, -3.0) for c in letters] + [("\u2581" + c, -3.5) for c in letters])
-    T5TokenizerFast(vocab=vocab, extra_ids=0).save_pretrained(folder)
-    return folder
 
 
 def make_tiny_sd3(folder: str, seed: int = 0, t5: bool = True, dynamic_shifting: bool = False) -> str:

@@ -1,0 +1,327 @@
+"""Memory of a DRaFT+ training step per GPU, from the real models' configurations (configs/real), by arithmetic.
+
+    python memory.py                         # the tables of docs/performance.md: every shipped model, the usual modes
+    python memory.py --models sdxl --lora-ranks 32 --gpus 1 8
+
+Weights, gradients and optimizer state come from the networks' parameter counts (built on the meta device). The
+activations come from tracing one step's parts on the meta device at the real shapes: the bytes each part saves
+for backward (the denoiser's call, the VAE decode, the reward), with attention saving what the fused kernels of
+a GPU save (its inputs, output and log-sum-exp, not the attention matrix), combined as the checkpointing mode
+holds them, times ACTIVATION_FACTOR, which covers what backward allocates beside the saved tensors and was
+calibrated on measured CPU peaks (tests/test_memory.py checks the model against them).
+"""
+
+import contextlib
+import tempfile
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import tyro
+
+import shapes
+
+GiB = 2**30
+# Peak activation memory of a step / the bytes its parts save for backward, as measured on the CPU (fp32, tiny
+# SD, SDXL and SD3 at 32-64 px, tests/test_memory.py): backward's gradients of activations and the kernels'
+# workspaces come on top of the saved tensors.
+ACTIVATION_FACTOR = 1.0
+BF16, FP32 = 2, 4
+ADAM_STATE = 2 * FP32  # exp_avg and exp_avg_sq, fp32 like the trainable weights
+
+
+@dataclass(frozen=True)
+class Mode:
+    resolution: int  # image side
+    batch: int = 1  # prompts per GPU
+    lora_rank: int | None = 32  # None: full fine-tune
+    gpus: int = 1  # --fsdp over this many GPUs (full fine-tune only)
+    offload_text: bool = False  # --offload-text-encoders
+    truncation: int = 1  # K
+    # none; the per-call checkpoint alone at K > 1 (--checkpoint-calls-only; at K = 1 the blocks); calls and blocks
+    checkpointing: Literal["", "steps", "blocks"] = "blocks"
+    guided: bool = True  # the family's default guidance (CFG doubles the denoiser's batch; FLUX.1-dev embeds it)
+    weight_bytes: int = BF16  # frozen weights and activations: bf16 on a GPU, fp32 on the CPU
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What one part of the step saves for backward: in all, in each of its blocks, and the blocks' inputs."""
+    total: int
+    blocks: tuple[int, ...]
+    block_inputs: int
+
+    def held(self, checkpointed: bool) -> int:
+        """Held until backward: everything, or with the blocks checkpointed only what lies outside them and
+        their inputs."""
+        return self.total - sum(self.blocks) + self.block_inputs if checkpointed else self.total
+
+    def recomputed(self, checkpointed: bool) -> int:
+        """Made again in backward, at most at once: one block's."""
+        return max(self.blocks, default=0) if checkpointed else 0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights: int  # the denoiser's weights (fp32 trainable with full fine-tuning), shard included
+    gradients: int
+    optimizer: int
+    frozen: int  # frozen networks: text encoders (unless offloaded), VAE, reward, the base copy or merged LoRA weights
+    activations: int  # the peak of what the step's graph holds (calibrated)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.frozen + self.activations
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracing on the meta device
+
+
+class FusedAttentionShape(torch.autograd.Function):
+    """Scaled dot-product attention as the fused GPU kernels hold it for backward (query, key, value, output
+    and a float32 log-sum-exp per query), computing only shapes: on the meta device the math fallback would
+    save the whole attention matrix, which no GPU kernel keeps."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        out = query.new_empty(*query.shape[:-1], value.shape[-1])
+        logsumexp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, out, logsumexp)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, _, _ = ctx.saved_tensors
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+@contextlib.contextmanager
+def fused_attention_shapes():
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def attention(query, key, value, *args, **kwargs):
+        return FusedAttentionShape.apply(query, key, value)
+
+    torch.nn.functional.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
+def trace_saved(fn, network: torch.nn.Module, blocks: list[torch.nn.Module]) -> Saved:
+    """The bytes `fn` saves for backward, parameters left out (they are counted as weights), storages counted
+    once, and how much of it each of `blocks` saves and their inputs."""
+    parameters = {p.untyped_storage()._cdata for p in network.parameters()}
+    saved: dict[int, int] = {}
+    per_block, inputs, starts = [], [0], []
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage._cdata not in parameters:
+            saved[storage._cdata] = storage.nbytes()
+        return tensor
+
+    def before(module, args):
+        starts.append(sum(saved.values()))
+        inputs[0] += sum(a.untyped_storage().nbytes() for a in args if isinstance(a, torch.Tensor))
+
+    def after(module, args, output):
+        per_block.append(sum(saved.values()) - starts.pop())
+
+    handles = [h for block in blocks for h in (block.register_forward_pre_hook(before),
+                                               block.register_forward_hook(after))]
+    try:
+        with fused_attention_shapes(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return Saved(sum(saved.values()), tuple(per_block), inputs[0])
+
+
+@dataclass(frozen=True)
+class StepParts:
+    """The step's parts at one shape: what each saves for backward, and the parameter counts."""
+    denoiser: Saved
+    decode: Saved
+    reward: Saved
+    call_input: int  # one graph call's input latents (held per call with per-call checkpointing)
+    denoiser_parameters: int
+    lora_parameters: int
+    lora_targeted: int  # weights under LoRA layers: the merged-LoRA sampler holds a copy of them
+    largest_block: int  # parameters of the largest block FSDP shards (gathered whole in its turn)
+    text_parameters: int
+    vae_parameters: int
+    reward_parameters: int
+
+
+def checkpointed_units(blocks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """What diffusers' gradient checkpointing recomputes as one: a UNet block's resnets and attentions one by
+    one, a transformer's blocks whole."""
+    return [unit for block in blocks
+            for unit in [*getattr(block, "resnets", []), *(getattr(block, "attentions", None) or [])] or [block]]
+
+
+def default_sampler_settings(family, mode: Mode):
+    """The family's real-use guidance at the mode's shape (one step: the step count shapes no call)."""
+    import generation
+
+    scales = {"true_cfg_scale": family.defaults["true_cfg_scale"]} if "true_cfg_scale" in family.defaults else {}
+    return generation.SamplerSettings(mode.resolution, 1, family.defaults["guidance_scale"], **scales)
+
+
+def trace_step(model: str, reward_backbone: str, mode: Mode) -> StepParts:
+    """Build the model and reward on the meta device through the training code's loaders, encode prompts and
+    trace one graph call of the denoiser, the decode and the reward at the mode's shape."""
+    import models
+    import sampling
+
+    dtype = torch.bfloat16 if mode.weight_bytes == BF16 else torch.float32
+    with tempfile.TemporaryDirectory() as workdir:
+        model_ = shapes.random_weights_loader(workdir)(shapes.model_folder(model), torch.device("meta"), dtype)
+        reward = shapes.random_pickscore_loader(workdir, reward_backbone)("pickscore", dtype=dtype, device="meta")
+        prompts = ["a photograph of an astronaut riding a horse"] * mode.batch
+        guidance = model_.family.guidance(model_, default_sampler_settings(model_.family, mode))
+        guided = mode.guided and sampling.uses_guidance(guidance.cfg_scale)
+        conditioning = models.encode_prompts(model_, prompts, guided, mode.resolution, guidance.embedded)
+    denoiser = model_.denoiser
+    denoiser_parameters = shapes.parameter_count(denoiser)
+    models.attach_lora(model_, mode.lora_rank or 1, mode.lora_rank or 1)
+    lora = sum(p.numel() for name, p in denoiser.named_parameters() if "lora_" in name)
+    targeted = sum(layer.base_layer.weight.numel() for layer in model_.lora.layers)
+    shape = model_.latent_shape(mode.batch, mode.resolution)
+    latents = torch.empty(shape, device="meta", dtype=dtype, requires_grad=True)
+    model_input = torch.cat([latents, latents]) if guided else latents
+    call = models.make_denoiser(denoiser, conditioning)
+    blocks = model_.family.shard_units(denoiser)
+    denoiser_saved = trace_saved(lambda: call(model_input, torch.tensor(500.0, device="meta")), denoiser,
+                                 checkpointed_units(blocks))
+    vae = model_.pipe.vae
+    decode_saved = trace_saved(lambda: models.decode(model_, latents), vae,
+                               [vae.decoder.mid_block, *vae.decoder.up_blocks])
+    images = torch.empty(mode.batch, 3, mode.resolution, mode.resolution, device="meta", requires_grad=True)
+    clip = reward.rewards["pickscore"].model
+    reward_saved = trace_saved(lambda: reward(images, prompts), clip, list(clip.vision_model.encoder.layers))
+    text = sum(shapes.parameter_count(getattr(model_.pipe, name)) for name in model_.family.text_encoders
+               if getattr(model_.pipe, name, None) is not None)
+    return StepParts(denoiser_saved, decode_saved, reward_saved, model_input.numel() * mode.weight_bytes,
+                     denoiser_parameters, lora, targeted, max(shapes.parameter_count(b) for b in blocks), text,
+                     shapes.parameter_count(vae), shapes.parameter_count(clip))
+
+
+# ---------------------------------------------------------------------------------------------
+# The arithmetic
+
+
+def activation_bytes(parts: StepParts, mode: Mode) -> int:
+    """The peak of what the graph holds: what the forward leaves held until backward, or, during backward, what
+    is still held plus the part being recomputed. Per-call checkpointing (K > 1) holds each call's input and recomputes one call
+    (with its blocks checkpointed inside it, or not); at K = 1 --gradient-checkpointing checkpoints the blocks."""
+    per_call = mode.checkpointing != "" and mode.truncation > 1
+    blocks = mode.checkpointing == "blocks" or (mode.checkpointing == "steps" and mode.truncation == 1)
+    denoiser = parts.denoiser
+    if per_call:
+        denoiser_held = mode.truncation * parts.call_input
+        denoiser_backward = denoiser.held(blocks) + denoiser.recomputed(blocks)
+    else:
+        denoiser_held = mode.truncation * denoiser.held(blocks)
+        denoiser_backward = denoiser.recomputed(blocks)
+    others = mode.checkpointing != ""  # the VAE decoder and reward tower checkpoint with --gradient-checkpointing
+    decode, reward = parts.decode.held(others), parts.reward.held(others)
+    # backward runs through the reward, then the decode, then the denoiser's calls, each freeing what it held
+    peak = denoiser_held + max(decode + reward + parts.reward.recomputed(others),
+                               decode + parts.decode.recomputed(others), denoiser_backward)
+    return int(ACTIVATION_FACTOR * peak)
+
+
+def estimate(parts: StepParts, mode: Mode) -> Estimate:
+    """Bytes per GPU. LoRA: the frozen denoiser in the weights' dtype, fp32 adapters, their gradients and Adam
+    state, and the merged copy of the adapted weights that no-grad calls run on. Full fine-tune: fp32 weights,
+    gradients and Adam state and a frozen base copy, each split over the GPUs with --fsdp, plus one block
+    gathered whole at a time. Offloaded text encoders visit the GPU to encode, before the graph exists."""
+    frozen_others = (parts.vae_parameters + parts.reward_parameters) * mode.weight_bytes
+    text = parts.text_parameters * mode.weight_bytes
+    activations = activation_bytes(parts, mode)
+    if mode.offload_text:
+        activations = max(activations, text)
+        text = 0
+    if mode.lora_rank is None:
+        shard = parts.denoiser_parameters / mode.gpus
+        gathered = 2 * parts.largest_block * mode.weight_bytes if mode.gpus > 1 else 0
+        return Estimate(int(shard * FP32 + gathered), int(shard * FP32), int(shard * ADAM_STATE),
+                        int(shard * mode.weight_bytes + text + frozen_others), activations)
+    lora = parts.lora_parameters
+    return Estimate(parts.denoiser_parameters * mode.weight_bytes + lora * FP32, lora * FP32, lora * ADAM_STATE,
+                    parts.lora_targeted * mode.weight_bytes + text + frozen_others, activations)
+
+
+def step_growth(parts: StepParts, mode: Mode) -> int:
+    """What a warm LoRA step allocates above the loaded model and optimizer state: its activations and the
+    gradients (the CPU's counterpart, bench.allocated_peak_growth_mb, measures this)."""
+    return activation_bytes(parts, mode) + parts.lora_parameters * FP32
+
+
+# ---------------------------------------------------------------------------------------------
+# The tables
+
+
+@dataclass
+class MemoryConfig:
+    models: tuple[str, ...] = ("sd15", "sdxl", "sd35-medium", "sd35-large")  # shipped models (configs/real)
+    lora_ranks: tuple[int, ...] = (32,)  # LoRA ranks of the LoRA rows
+    gpus: tuple[int, ...] = (1, 8)  # --fsdp world sizes of the full fine-tune rows
+    reward: str = "pickscore"  # reward network (configs/real/rewards)
+
+
+def rows(cfg: MemoryConfig, model: str) -> list[str]:
+    """One Markdown row per mode: LoRA and full fine-tuning, K = 1 and K = 10, checkpointed or not, text
+    encoders offloaded or not, at the model's training resolution and per-GPU batch (bench.REAL_SHAPES)."""
+    from bench import REAL_SHAPES
+
+    resolution, batch = REAL_SHAPES[model]
+    parts = trace_step(model, cfg.reward, Mode(resolution, batch))
+    modes = []
+    for rank in cfg.lora_ranks:
+        for offload in (False, True):
+            modes += [(f"LoRA r={rank}", Mode(resolution, batch, rank, offload_text=offload, truncation=k,
+                                              checkpointing=ckpt)) for k, ckpt in ((1, ""), (1, "steps"), (10, "steps"),
+                                                                                   (10, "blocks"))]
+    modes += [(f"full, --fsdp over {g}" if g > 1 else "full", Mode(resolution, batch, None, g, offload_text=True,
+                                                                   checkpointing="blocks")) for g in cfg.gpus]
+    lines = []
+    for label, mode in modes:
+        e = estimate(parts, mode)
+        checkpointing = checkpointing_flags(mode)
+        lines.append(f"| {model} | {resolution} px x {batch} | {label} | {mode.truncation} | {checkpointing} | "
+                     f"{'yes' if mode.offload_text else 'no'} | {e.weights / GiB:.1f} | {e.gradients / GiB:.2f} | "
+                     f"{e.optimizer / GiB:.2f} | {e.frozen / GiB:.1f} | {e.activations / GiB:.1f} | "
+                     f"**{e.total / GiB:.1f}** |")
+    return lines
+
+
+def checkpointing_flags(mode: Mode) -> str:
+    """The train.py flags of a mode: "steps" is the per-call checkpoint alone where K > 1, "blocks" nests the blocks."""
+    if not mode.checkpointing:
+        return "none"
+    return "--gradient-checkpointing" + (" --checkpoint-calls-only" if mode.checkpointing == "steps" and mode.truncation > 1
+                                         else "")
+
+
+TABLE_HEADER = ["| model | image x batch per GPU | trained | K | checkpointing | text encoders offloaded | denoiser weights "
+                "| gradients | Adam state | frozen | activations (or text encoders' visit) | total GiB |",
+                "| --- | --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+
+def main(cfg: MemoryConfig) -> None:
+    import models
+
+    models.quiet_loading()
+    print("\n".join(TABLE_HEADER), flush=True)
+    for model in cfg.models:
+        print("\n".join(rows(cfg, model)), flush=True)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(MemoryConfig, description=__doc__))

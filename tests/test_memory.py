@@ -1,0 +1,48 @@
+"""memory.py's arithmetic against measured peaks: a warm LoRA step's peak memory growth on the CPU (the
+profiler's record of every allocation, bench.allocated_peak_growth_mb) and the model's prediction of it from
+the same configs traced on the meta device."""
+
+import pytest
+import torch
+
+import bench
+import memory
+import shapes
+import tiny_models
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    return tiny_models.make_tiny_sdxl(str(tmp_path_factory.mktemp("sdxl")))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+    return tiny_models.make_tiny_sd3(str(tmp_path_factory.mktemp("sd3")))
+
+
+@pytest.mark.parametrize("family, truncation, checkpointing", [
+    ("sd", 1, ""), ("sd", 4, "steps"), ("sdxl", 1, "steps"), ("sdxl", 4, "blocks"), ("sd3", 1, ""), ("sd3", 4, "steps")])
+def test_the_memory_model_predicts_a_measured_step_within_15_percent(family, truncation, checkpointing, tiny_sd, tiny_sdxl,
+                                                                      tiny_sd3, tiny_clip):
+    model = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3}[family]
+    config = bench.BenchConfig(resolution=64, batch_size=2)
+    trainer = bench.make_trainer(config, model, tiny_clip, 10, truncation, checkpointing)
+    steps = iter(range(10))
+    trainer.step(next(steps))  # the optimizer state is made in the first step
+    measured = bench.allocated_peak_growth_mb(lambda: trainer.step(next(steps))) * 2**20
+    mode = memory.Mode(config.resolution, config.batch_size, config.lora_rank, truncation=truncation,
+                       checkpointing=checkpointing, weight_bytes=memory.FP32)
+    predicted = memory.step_growth(memory.trace_step(model, tiny_clip, mode), mode)
+    assert predicted == pytest.approx(measured, rel=0.15)
+
+
+def test_fsdp_divides_what_is_trained_and_offloading_moves_the_text_encoders_out_of_the_peak(tiny_sd, tiny_clip):
+    mode = memory.Mode(64, 1, None, checkpointing="blocks")
+    parts = memory.trace_step(tiny_sd, tiny_clip, mode)
+    one, eight = memory.estimate(parts, mode), memory.estimate(parts, memory.Mode(64, 1, None, 8, checkpointing="blocks"))
+    assert eight.optimizer * 8 == pytest.approx(one.optimizer, rel=1e-6) and one.optimizer == parts.denoiser_parameters * 8
+    lora = memory.estimate(parts, memory.Mode(64, 1, 4))
+    offloaded = memory.estimate(parts, memory.Mode(64, 1, 4, offload_text=True))
+    assert lora.frozen - offloaded.frozen == parts.text_parameters * memory.BF16 > 0
+    assert shapes.parameter_count(torch.nn.Linear(2, 2)) == 6
