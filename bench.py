@@ -47,7 +47,8 @@ class BenchConfig:
     resolution: int = 64  # image side; large enough that activations, not weights, dominate memory
     batch_size: int = 2  # prompts per step and per pipeline call
     repeats: int = 3  # timed repetitions per configuration (the median is reported)
-    guidance_scale: float = 7.5  # CFG scale for both the pipeline and the training step
+    # guidance scale for both the pipeline and the training step: CFG, or FLUX.1-dev's embedded guidance
+    guidance_scale: float = 7.5
     lora_rank: int = 4  # LoRA rank; the tiny models' attention is 16-32 wide, so 32 would dwarf it
     threads: int = 1  # torch CPU threads; 1 keeps timings steady when other processes share the cores
     # the tiny models to measure, in order
@@ -295,7 +296,7 @@ def takes_reference(model: str) -> bool:
 def report(bench: BenchConfig, family: str, model: str, clip: str) -> None:
     reference_fits = takes_reference(model)
     with_reference = reference_fits and importlib.util.find_spec("trl") is not None
-    print(f"tiny {family} at {bench.resolution}px, batch {bench.batch_size}, CFG {bench.guidance_scale}, "
+    print(f"tiny {family} at {bench.resolution}px, batch {bench.batch_size}, guidance {bench.guidance_scale}, "
           f"LoRA rank {bench.lora_rank}, {torch.get_num_threads()} threads; median [range] of "
           f"{bench.repeats} interleaved rounds", flush=True)
     timings, memory = {}, {}
@@ -487,7 +488,7 @@ def real_shape_report(bench: BenchConfig, model: str, reward_backbone: str, devi
     trainer = real_trainer(bench, model, reward_backbone, device, workdir, *REAL_STEPS[0])
     cfg = trainer.cfg
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(cfg.batch_size)]
-    shape = f"{cfg.resolution} px, batch {cfg.batch_size}, N={cfg.inference_steps}, CFG {cfg.guidance_scale}"
+    shape = f"{cfg.resolution} px, batch {cfg.batch_size}, N={cfg.inference_steps}, guidance {cfg.guidance_scale}"
     name = os.path.basename(os.path.normpath(model))
 
     def sample():
