@@ -1,18 +1,19 @@
 """Time and memory of a DRaFT+ training step, as ratios from one run (nothing here is a test).
 
-    python bench.py                      # tiny SD, SDXL, SD3 and FLUX.1 models built on the fly, CPU
+    python bench.py                      # tiny SD, SDXL, SD3, FLUX.1 and FLUX.2 [klein] models built on the fly, CPU
     python bench.py --resolution 256 --repeats 5
     python bench.py --families SD3         # one family only
 
-Prints, for a tiny SD, a tiny SDXL, a tiny SD3.5 and a tiny FLUX.1-dev model:
+Prints, for a tiny SD, a tiny SDXL, a tiny SD3.5, a tiny FLUX.1-dev and a tiny FLUX.2 [klein] base model:
   (a) time of one DRaFT+ step (KL on) / time of the stock diffusers pipeline sampling the same batch
-      (CFG; FLUX.1-dev: embedded guidance; batch 2, decoded) at (N, K) = (50, 1), (10, 1), (10, 1) with gradient checkpointing, (50, 10),
+      (CFG; FLUX.1-dev: embedded guidance; batch 2, decoded) at (N, K) = (50, 1), (10, 1), (10, 1) with
+      gradient checkpointing, (50, 10),
       and (50, 10) with gradient checkpointing per step and per step and block, with the merged-LoRA
       no-grad path and without it;
   (b) peak memory of a K=1 step at N=50 / at N=10, and at N=10 with gradient checkpointing / without;
   (c) peak memory of a K=10 step with and without gradient checkpointing (per step, and per step with
       the denoiser's blocks too) / of a K=1 step;
-and where a step's time goes, in units of one no-grad call of the UNet (SD3, FLUX.1: transformer);
+and where a step's time goes, in units of one no-grad call of the UNet (SD3, FLUX.1, FLUX.2: transformer);
   (r) for the tiny SD, with trl 0.23.1 installed (requirements-test.txt has it): the reference trainer,
       trl's AlignPropTrainer, at the same configurations: its step / pipeline in the same interleaved
       rounds, ours / its step time (ours with the KL, and without it: the reference's objective), and ours /
@@ -52,7 +53,7 @@ class BenchConfig:
     lora_rank: int = 4  # LoRA rank; the tiny models' attention is 16-32 wide, so 32 would dwarf it
     threads: int = 1  # torch CPU threads; 1 keeps timings steady when other processes share the cores
     # the tiny models to measure, in order
-    families: tuple[Literal["SD", "SDXL", "SD3", "FLUX.1"], ...] = ("SD", "SDXL", "SD3", "FLUX.1")
+    families: tuple[Literal["SD", "SDXL", "SD3", "FLUX.1", "FLUX.2"], ...] = ("SD", "SDXL", "SD3", "FLUX.1", "FLUX.2")
     fsdp_resolution: int = 32  # image side of the 2-process full fine-tune with and without --fsdp
     # shipped real models (configs/real: sd15 sdxl sd35-medium sd35-large ...) to measure at their real shapes with
     # random weights (bf16 on a GPU), instead of the tiny models; a pipeline folder is measured with its own configs
@@ -212,7 +213,7 @@ def measure(bench: BenchConfig, model: str, clip: str, steps: int, truncation: i
     step_counter = iter(range(10**6))
 
     def pipeline_call():
-        pipe(PROMPTS[: bench.batch_size], num_inference_steps=steps, guidance_scale=bench.guidance_scale,
+        pipe(prompt=PROMPTS[: bench.batch_size], num_inference_steps=steps, guidance_scale=bench.guidance_scale,
              height=bench.resolution, width=bench.resolution, output_type="pt",
              generator=generators(range(bench.batch_size)))
 
@@ -577,6 +578,7 @@ def write_table_lines(bench: BenchConfig, lines: list[str]) -> None:
 
 def main(bench: BenchConfig) -> None:
     import models
+    import tiny_flux2
     import tiny_models
     import tiny_rewards
 
@@ -590,7 +592,7 @@ def main(bench: BenchConfig) -> None:
     with tempfile.TemporaryDirectory() as folder:
         clip = tiny_rewards.make_tiny_clip(os.path.join(folder, "clip"))
         factories = {"SD": tiny_models.make_tiny_sd, "SDXL": tiny_models.make_tiny_sdxl, "SD3": tiny_models.make_tiny_sd3,
-                     "FLUX.1": tiny_models.make_tiny_flux}
+                     "FLUX.1": tiny_models.make_tiny_flux, "FLUX.2": tiny_flux2.make_tiny_flux2}
         for family in bench.families:
             report(bench, family, factories[family](os.path.join(folder, family.lower())), clip)
         if "SD" in bench.families:

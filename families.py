@@ -185,10 +185,10 @@ class SD3(Family):
     flow = True
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     t5_components = ("text_encoder_3", "tokenizer_3")
-    # As FDFO samples (40 steps; CFG 4.5, its eval/models.py run_pipe default; the pipeline's 256 T5
-    # tokens) and as FDFO and RTDMD train (LoRA rank 32, alpha 64, 512 px).
-    defaults = dict(scheduler="pipeline", inference_steps=40, guidance_scale=4.5, max_sequence_length=256,
-                    lora_rank=32, lora_alpha=64.0)
+    # As FDFO samples (40 steps; CFG 4.5, its eval/models.py run_pipe default) and as FDFO and RTDMD
+    # train (LoRA rank 32, alpha 64, 512 px).
+    defaults = dict(scheduler="pipeline", inference_steps=40, guidance_scale=4.5, lora_rank=32, lora_alpha=64.0,
+                    max_sequence_length=256)  # T5 tokens, the pipeline's default
     train_resolution = 512
 
     def encode_prompts(self, model, prompts, guided, resolution, embedded_guidance=None):
@@ -353,6 +353,126 @@ class FluxDistilled(Flux):
                              "(schnell-like); leave it out, or guide with --true-cfg-scale")
 
 
+class Flux2Klein(Family):
+    """FLUX.2 [klein] (Flux2KleinPipeline): the base 4B/9B, guided with real classifier-free guidance,
+    and the step-distilled 4B/9B, never guided, as the pipeline decides from `is_distilled` in its
+    model_index.json. Prompts are Qwen3's hidden states of the chat-templated prompt at the pipeline's
+    `text_encoder_out_layers`, with 4-axis (T, H, W, L) ids. Latents are AutoencoderKLFlux2's,
+    patchified 2x2 and normalised with its batch-norm statistics: the pipeline draws x_T in that
+    shape, [B, 4 C, H / 16, W / 16], and the trajectory stays in it; `call` packs them into tokens
+    and back with the pipeline's own helpers."""
+    name, label = "flux2", "FLUX.2 [klein]"
+    pipelines = ("Flux2KleinPipeline",)
+    denoiser_name = "transformer"
+    # As diffusers' klein LoRA script (examples/dreambooth/train_dreambooth_lora_flux2_klein.py) targets
+    # them by default: the image-stream attention of the double-stream blocks, and each single-stream
+    # block's fused qkv-and-MLP input and its output (24 of them cover klein 9B; 4B has 20).
+    lora_targets = ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj",
+                    *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(24)))
+    diffusers_lora_keys = False
+    flow = True
+    # The pipeline's defaults for the base models (50 steps, CFG 4, 512 Qwen3 tokens); LoRA rank 32,
+    # alpha 64 and 512 px as RTDMD trains FLUX.2-klein-4B (configs/rtdmd/flux2_4b.yaml).
+    defaults = dict(scheduler="pipeline", inference_steps=50, guidance_scale=4.0, lora_rank=32, lora_alpha=64.0,
+                    max_sequence_length=512)
+    # The distilled models as their model cards sample them: 4 steps, no guidance.
+    distilled_defaults = {**defaults, "inference_steps": 4, "guidance_scale": 1.0}
+    train_resolution = 512
+    text_encoder_out_layers = (9, 18, 27)  # the pipeline's default, which no config records
+
+    def __init__(self, distilled: bool = False):
+        self.distilled = distilled
+        self.defaults = self.distilled_defaults if distilled else type(self).defaults
+
+    def for_checkpoint(self, model: str) -> "Flux2Klein":
+        """The base or the distilled model, as `is_distilled` in its model_index.json says (which
+        detect_family has just read: the folder or the hub cache holds it)."""
+        from diffusers import DiffusionPipeline
+
+        index = DiffusionPipeline.load_config(model, local_files_only=True)
+        return Flux2Klein(distilled=bool(index.get("is_distilled", False)))
+
+    def validate(self, cfg) -> None:
+        super().validate(cfg)
+        if self.distilled and cfg.guidance_scale > 1:
+            raise UsageError(f"--guidance-scale {cfg.guidance_scale}: this step-distilled FLUX.2 [klein] model "
+                             "(is_distilled in its model_index.json) samples without guidance; leave it out or give 1")
+
+    def guidance(self, model, settings) -> Guidance:
+        """Real CFG with --guidance-scale, except for a distilled model: none, exactly as
+        Flux2KleinPipeline.do_classifier_free_guidance decides it from the pipeline's config."""
+        return Guidance(1.0 if model.pipe.config.is_distilled else settings.guidance_scale)
+
+    def encode_prompts(self, model, prompts, guided, resolution, embedded_guidance=None):
+        """The pipeline's encode_prompt: the stacked hidden states and their text ids, the encoded empty
+        prompt as the negative, as the pipeline builds it for CFG."""
+        def encoded(texts):
+            return model.pipe.encode_prompt(texts, model.denoiser.device, 1,
+                                            max_sequence_length=model.text.max_sequence_length,
+                                            text_encoder_out_layers=self.text_encoder_out_layers)
+
+        hidden, ids = encoded(prompts)
+        if guided:
+            negative, negative_ids = encoded([""] * len(prompts))
+            hidden, ids = torch.cat([negative, hidden]), torch.cat([negative_ids, ids])
+        return {"encoder_hidden_states": hidden, "txt_ids": ids}
+
+    def call(self, network, latents, t, conditioning):
+        """Packed into tokens with their ids, the timestep as the pipeline scales it (a fraction of
+        1000), no guidance embedding (klein has none), and the prediction scattered back by its ids."""
+        from diffusers import Flux2KleinPipeline as pipeline
+
+        tokens = pipeline._pack_latents(latents)
+        ids = pipeline._prepare_latent_ids(latents).to(latents.device)
+        timestep = t.expand(len(latents)).to(latents.dtype) / 1000
+        out = network(hidden_states=tokens.to(network.dtype), timestep=timestep, guidance=None, img_ids=ids,
+                      **conditioning, return_dict=False)[0]
+        return pipeline._unpack_latents_with_ids(out[:, :tokens.shape[1]], ids, *latents.shape[2:])
+
+    def latent_shape(self, model, batch, resolution):
+        side = resolution // self.resolution_multiple(model)
+        return (batch, model.denoiser.config.in_channels, side, side)
+
+    def schedule_kwargs(self, model, resolution, num_steps, sigmas=()):
+        """The pipeline's sigmas (linspace(1, 1/N, N), or the given ones) and the `mu` it computes from
+        the image's token count and the step count, by which the scheduler shifts them (the cps step
+        too: RTDMD samples FLUX.2 from its step list shifted so)."""
+        from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+        sigmas = list(sigmas) or list(np.linspace(1.0, 1 / num_steps, num_steps))
+        side = resolution // self.resolution_multiple(model)
+        kwargs = {"mu": compute_empirical_mu(image_seq_len=side * side, num_steps=len(sigmas))}
+        if not model.scheduler.config.get("use_flow_sigmas"):
+            kwargs["sigmas"] = sigmas
+        return kwargs
+
+    def decode(self, model, latents):
+        vae = model.pipe.vae
+        images = vae.decode(self.vae_latents(model, latents).to(vae.dtype), return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    def vae_latents(self, model, latents):
+        """The VAE's latents of the trajectory's: denormalised with the VAE's batch-norm statistics
+        and unpatchified, as the pipeline does before it decodes (its output_type="latent")."""
+        from diffusers import Flux2KleinPipeline as pipeline
+
+        bn, eps = model.pipe.vae.bn, model.pipe.vae.config.batch_norm_eps
+        mean = bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + eps).to(latents.device, latents.dtype)
+        return pipeline._unpatchify_latents(latents * std + mean)
+
+    def default_resolution(self, model):
+        return model.pipe.default_sample_size * model.pipe.vae_scale_factor
+
+    def resolution_multiple(self, model):
+        """The VAE's factor times the 2x2 patchify."""
+        return model.pipe.vae_scale_factor * 2
+
+    def shard_units(self, network):
+        """Each double-stream and each single-stream block."""
+        return [*network.transformer_blocks, *network.single_transformer_blocks]
+
+
 @contextlib.contextmanager
 def _fp16_autocast_suspended(vae):
     """An fp32 VAE under fp16 autocast would run in fp16 after all."""
@@ -363,7 +483,7 @@ def _fp16_autocast_suspended(vae):
         yield
 
 
-FAMILIES: tuple[Family, ...] = (SD(), SDXL(), SD3(), Flux())
+FAMILIES: tuple[Family, ...] = (SD(), SDXL(), SD3(), Flux(), Flux2Klein())
 
 
 def of_pipeline(class_name: str) -> Family | None:

@@ -22,25 +22,31 @@ from utils import UsageError
 
 @dataclass(kw_only=True)
 class SamplerOptions:
-    # sampler steps N; default 50 (SD, SDXL), 40 (SD3, as FDFO), 28 (FLUX.1-dev; 4 without its guidance embedding), len(--sigmas)
+    # sampler steps N; default 50 (SD, SDXL, FLUX.2 [klein] base), 40 (SD3, as FDFO), 28 (FLUX.1-dev), 4 (FLUX.1
+    # without its guidance embedding: schnell; klein distilled), len(--sigmas)
     inference_steps: int | None = None
     # classifier-free guidance scale (1 turns guidance off); default 7.5 (SD, SDXL), 4.5 (SD3; FDFO's no-CFG checkpoints
-    # need 1); FLUX.1: the embedded guidance of guidance-distilled models (default 3.5; 0 for schnell, which has none)
+    # need 1), 4 (FLUX.2 [klein] base; its distilled models take none); FLUX.1: the embedded guidance of
+    # guidance-distilled models (default 3.5; 0 for schnell, which has none)
     guidance_scale: float | None = None
     # FLUX.1: true classifier-free guidance against the empty prompt, a second network call per step (default 1: off)
     true_cfg_scale: float | None = None
     # eta of DDIM (0 deterministic, 1 DDPM-like noise) and of cps (0 is the Euler step; RTDMD samples with 0.9); others ignore it
     eta: float = 0.0
-    # ddim: DDIM built from the pipeline's config (SD, SDXL default); pipeline: its own (SD3 default: flow-match Euler with
-    # its shift); cps: RTDMD's coefficients-preserving step on the flow-match schedule (SD3; with --eta, --sigmas)
+    # ddim: DDIM built from the pipeline's config (SD, SDXL default); pipeline: its own (SD3, FLUX.2 default: flow-match
+    # Euler with its shift); cps: RTDMD's coefficients-preserving step on the flow-match schedule (with --eta, --sigmas)
     scheduler: Annotated[Literal["ddim", "pipeline", "cps"] | None, tyro.conf.arg(aliases=("--sampler",))] = None
-    sigmas: tuple[float, ...] = ()  # cps only: the sigma schedule as given, already shifted, e.g. RTDMD's 1.0 0.9 0.75 0.5
-    resolution: int | None = None  # image side in pixels; default from the model config (512 for SD 1.5); SD3 trains at 512
+    # cps only: the sigma schedule as given, already shifted, e.g. RTDMD's SD3.5 1.0 0.9 0.75 0.5; under dynamic
+    # shifting (FLUX.2) shifted by the pipeline's mu, as the pipeline's sigmas, e.g. RTDMD's FLUX.2 1.0 0.75 0.5 0.25
+    sigmas: tuple[float, ...] = ()
+    # image side in pixels; default from the model config (512 for SD 1.5); SD3 and FLUX.2 [klein] train at 512
+    resolution: int | None = None
 
 
 @dataclass(kw_only=True)
 class TextEncoderOptions:
-    # T5 tokens of a prompt, the pipeline's default: 256 (SD3; FDFO trains with 128), 512 (FLUX.1-dev; 256 for schnell)
+    # text tokens of a prompt; default the pipeline's: 256 T5 tokens (SD3; FDFO trains with 128), 512 T5 tokens
+    # (FLUX.1-dev; 256 for schnell), 512 Qwen3 tokens (FLUX.2)
     max_sequence_length: int | None = None
     no_t5: bool = False  # SD3: run without the T5 encoder (zeros in its place), as diffusers allows, for memory
     offload_text_encoders: bool = False  # keep the text encoders on the CPU except while they encode (T5-XXL is 9 GB)
@@ -72,13 +78,21 @@ PROTOCOLS = {
     # step with eta 0.9 on timesteps 1000 750 500 250 at shift 3, no CFG, T5 at 128 tokens, LoRA alpha 64.
     "rtdmd": dict(model=SD35_MEDIUM, scheduler="cps", sigmas=(1.0, 0.9, 0.75, 0.5), eta=0.9, guidance_scale=1.0,
                   resolution=1024, max_sequence_length=128, lora_alpha=models.RTDMD_LORA_ALPHA, dtype="bfloat16"),
+    # RTDMD's FLUX.2-klein-4B release: configs/inference/flux2_4b.yaml run by rtdmd/inference.py: the distilled
+    # klein 4B in bf16 at 1024 px, the CPS step with eta 0.9 on timesteps 1000 750 500 250 / 1000, shifted by the
+    # pipeline's mu (rtdmd/models/flux2_klein.py compute_sigmas_flux2_klein; the cps step does it with dynamic
+    # shifting), no CFG, 512 Qwen3 tokens (that file's encode_prompts_flux2_klein), LoRA alpha 64.
+    "rtdmd-flux2": dict(model="black-forest-labs/FLUX.2-klein-4B", scheduler="cps", sigmas=(1.0, 0.75, 0.5, 0.25),
+                        eta=0.9, guidance_scale=1.0, resolution=1024, max_sequence_length=512,
+                        lora_alpha=models.RTDMD_LORA_ALPHA, dtype="bfloat16"),
 }
 
 
 @dataclass(kw_only=True)
 class ProtocolOption:
     # a published system's evaluation settings in one flag (generation.PROTOCOLS, printed at start): fdfo (SD3.5 Medium,
-    # 40 steps, guidance 1, 512 px) or rtdmd (its 4-step cps sampler at 1024 px); a flag given beside it wins, said in a line
+    # 40 steps, guidance 1, 512 px), rtdmd (its 4-step cps sampler at 1024 px) or rtdmd-flux2 (the same on FLUX.2-klein-4B);
+    # a flag given beside it wins, said in a line
     protocol: Literal["none", *PROTOCOLS] = "none"
 
 

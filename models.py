@@ -37,7 +37,8 @@ PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 @dataclass(frozen=True)
 class TextEncoding:
     """How prompts are encoded where the family has a T5 encoder (SD3) and where encoders are large."""
-    max_sequence_length: int = 256  # T5 tokens, the SD3 pipeline's default (FLUX.1's: 512)
+    # text tokens of a prompt (T5's, Qwen3's); None: the family's default, its pipeline's (256 SD3, 512 FLUX.2)
+    max_sequence_length: int | None = None
     t5: bool = True  # False: no T5 at all (zeros in its place, as the pipeline does without text_encoder_3)
     offload: bool = False  # keep the text encoders on the CPU except while they encode
 
@@ -144,7 +145,10 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.floa
 def prepared(pipe: DiffusionPipeline, family: families.Family, device: torch.device, scheduler: str,
              text: TextEncoding = TextEncoding()) -> DiffusionModel:
     """A loaded (or built) pipeline made ready for sampling and training: the scheduler asked for, every
-    part frozen, on `device` (the text encoders stay on the CPU with offloading)."""
+    part frozen, on `device` (the text encoders stay on the CPU with offloading), the text length the
+    family's when none is asked for."""
+    if text.max_sequence_length is None:
+        text = replace(text, max_sequence_length=family.defaults.get("max_sequence_length"))
     if scheduler == "ddim":
         pipe.scheduler = ddim_from(pipe.scheduler.config)
     elif scheduler == "cps":
@@ -188,10 +192,12 @@ class CPSScheduler(FlowMatchEulerDiscreteScheduler):
     keeps the scale sigma_next whatever eta: eta = 0 is the Euler step, eta = 1 re-noises x0 afresh."""
 
     def set_timesteps(self, num_inference_steps=None, device=None, sigmas=None, mu=None, timesteps=None):
-        """Given `sigmas` are the schedule itself, already shifted (RTDMD's 1.0 0.9 0.75 0.5 are its
-        timesteps 1000 750 500 250 at shift 3): the parent class would shift them a second time."""
-        if sigmas is None:
-            return super().set_timesteps(num_inference_steps, device, mu=mu, timesteps=timesteps)
+        """Given `sigmas` are the schedule itself, already shifted (RTDMD's 1.0 0.9 0.75 0.5 are its SD3.5
+        timesteps 1000 750 500 250 at shift 3): the parent class would shift them a second time. Under
+        dynamic shifting (a `mu`) they are shifted by it as the parent does, as RTDMD shifts its FLUX.2
+        step list (compute_sigmas_flux2_klein in rtdmd/models/flux2_klein.py: 1000 750 500 250 / 1000)."""
+        if sigmas is None or (mu is not None and self.config.use_dynamic_shifting):
+            return super().set_timesteps(num_inference_steps, device, sigmas=sigmas, mu=mu, timesteps=timesteps)
         sigmas = torch.tensor([*sigmas, 0.0], dtype=torch.float32, device=device)
         self.timesteps = sigmas[:-1] * self.config.num_train_timesteps
         self.sigmas = sigmas

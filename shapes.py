@@ -154,14 +154,46 @@ def write_t5_tokenizer(folder: str) -> str:
     return folder
 
 
+# Qwen3's chat template, cut to what Flux2KleinPipeline asks of it: one user turn, the generation prompt,
+# and the empty thinking block that `enable_thinking=False` adds.
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+
+
+def write_qwen_tokenizer(folder: str) -> str:
+    """A Qwen2-style byte-level BPE with no merges (one token per byte), Qwen's special tokens and the chat
+    template, saved as the tokenizer folder of FLUX.2 [klein] (Qwen2TokenizerFast)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2TokenizerFast
+
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    tokenizer = Qwen2TokenizerFast(tokenizer_object=backend, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", additional_special_tokens=specials)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.model_max_length = 131072
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole pipelines and rewards with random weights, for time and memory at the real shapes
 
 
 def stand_in_tokenizers(folder: str, workdir: str) -> dict:
     """A tokenizer for each tokenizer component of the pipeline that pads to the real one's length (CLIP: its
-    text encoder's positions; T5: the length the pipeline call asks for)."""
-    from transformers import CLIPTokenizer, T5TokenizerFast
+    text encoder's positions; T5, Qwen: the length the pipeline call asks for)."""
+    from transformers import CLIPTokenizer, Qwen2TokenizerFast, T5TokenizerFast
 
     tokenizers = {}
     for name, (_, class_name) in model_index_entries(folder).items():
@@ -175,6 +207,8 @@ def stand_in_tokenizers(folder: str, workdir: str) -> dict:
             tokenizers[name] = CLIPTokenizer.from_pretrained(write_clip_tokenizer(target, length))
         elif class_name in ("T5Tokenizer", "T5TokenizerFast"):
             tokenizers[name] = T5TokenizerFast.from_pretrained(write_t5_tokenizer(target))
+        elif class_name in ("Qwen2Tokenizer", "Qwen2TokenizerFast"):
+            tokenizers[name] = Qwen2TokenizerFast.from_pretrained(write_qwen_tokenizer(target))
         else:
             raise ValueError(f"no stand-in for the {class_name} of {folder}")
     return tokenizers

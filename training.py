@@ -56,7 +56,8 @@ class TrainConfig(SamplerOptions, TextEncoderOptions, DeviceOption, RewardSource
     ema_decay: float | None = None
     steps: int = 1000  # optimizer steps in total
     lora_rank: int | None = None  # LoRA rank on the attention projections; default 32
-    lora_alpha: float | None = None  # LoRA alpha (scale = alpha / rank); default 32 (SD, SDXL), 64 (SD3, as FDFO and RTDMD)
+    # LoRA alpha (scale = alpha / rank); default 32 (SD, SDXL), 64 (SD3 as FDFO and RTDMD, FLUX.2 [klein] as RTDMD)
+    lora_alpha: float | None = None
     full_finetune: bool = False  # train every weight of the UNet or transformer instead of LoRA (a frozen copy is the KL base)
     # with --full-finetune: shard the denoiser, the frozen base, gradients and optimizer state over the processes
     # (FSDP2), with sharded checkpoints (torch.distributed.checkpoint) in a run dir all processes share

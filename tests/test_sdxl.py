@@ -191,14 +191,16 @@ def test_saved_lora_loads_into_a_stock_sdxl_pipeline_and_reproduces_our_images(t
                                                   models.trainable_parameters(trainer.model)))
 
 
-def gradients_by_checkpointing(model, tiny_clip, run_dir, truncation) -> list[tuple[training.Trainer, torch.Tensor]]:
+def gradients_by_checkpointing(model, tiny_clip, run_dir, truncation,
+                               **overrides) -> list[tuple[training.Trainer, torch.Tensor]]:
     """(trainer, gradient of KL - reward over a K = `truncation` rollout) for each combination of
     --gradient-checkpointing, --checkpoint-blocks and --checkpoint-calls-only, the plain one first."""
     results = []
     for checkpointing, blocks, calls_only in ((False, False, False), (True, False, False), (True, True, False),
                                               (False, True, False), (True, False, True)):
         cfg = train_config(model, tiny_clip, run_dir, batch_size=2, gradient_checkpointing=checkpointing,
-                           checkpoint_blocks=blocks, checkpoint_calls_only=calls_only, truncation_steps=truncation)
+                           checkpoint_blocks=blocks, checkpoint_calls_only=calls_only, truncation_steps=truncation,
+                           **overrides)
         torch.manual_seed(0)  # the same LoRA A matrices in all
         trainer = training.build(cfg, utils.init_distributed("cpu"))
         with torch.no_grad():
