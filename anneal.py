@@ -284,7 +284,8 @@ def write_tradeoff(cfg: AnnealConfig, rows: list[dict], records: list[dict], num
     save_text("\n".join(json.dumps(rec) for rec in ordered), os.path.join(cfg.out, "scores.jsonl"))
     summary = {"checkpoint": cfg.checkpoint, "raw_weights": cfg.raw_weights, "num_prompts": num_prompts,
                "num_images": cfg.num_images,
-               "inference_steps": cfg.inference_steps, "guidance_scale": cfg.guidance_scale, "seed": cfg.seed,
+               "inference_steps": cfg.inference_steps, "guidance_scale": cfg.guidance_scale,
+               "true_cfg_scale": cfg.true_cfg_scale, "seed": cfg.seed,
                "diversity": "mean over prompts of the mean pairwise RMS pixel difference at "
                             f"{DIVERSITY_SIDE}x{DIVERSITY_SIDE}, values in [0, 1]",
                "weighings": rows}

@@ -1,18 +1,19 @@
 """Time and memory of a DRaFT+ training step, as ratios from one run (nothing here is a test).
 
-    python bench.py                      # tiny SD, SDXL, SD3 and FLUX.2 [klein] models built on the fly, CPU
+    python bench.py                      # tiny SD, SDXL, SD3, FLUX.1 and FLUX.2 [klein] models built on the fly, CPU
     python bench.py --resolution 256 --repeats 5
     python bench.py --families SD3         # one family only
 
-Prints, for a tiny SD, a tiny SDXL, a tiny SD3.5 and a tiny FLUX.2 [klein] base model:
+Prints, for a tiny SD, a tiny SDXL, a tiny SD3.5, a tiny FLUX.1-dev and a tiny FLUX.2 [klein] base model:
   (a) time of one DRaFT+ step (KL on) / time of the stock diffusers pipeline sampling the same batch
-      (CFG, batch 2, decoded) at (N, K) = (50, 1), (10, 1), (10, 1) with gradient checkpointing, (50, 10),
+      (CFG; FLUX.1-dev: embedded guidance; batch 2, decoded) at (N, K) = (50, 1), (10, 1), (10, 1) with
+      gradient checkpointing, (50, 10),
       and (50, 10) with gradient checkpointing per step and per step and block, with the merged-LoRA
       no-grad path and without it;
   (b) peak memory of a K=1 step at N=50 / at N=10, and at N=10 with gradient checkpointing / without;
   (c) peak memory of a K=10 step with and without gradient checkpointing (per step, and per step with
       the denoiser's blocks too) / of a K=1 step;
-and where a step's time goes, in units of one no-grad call of the UNet (SD3, FLUX.2: transformer);
+and where a step's time goes, in units of one no-grad call of the UNet (SD3, FLUX.1, FLUX.2: transformer);
   (r) for the tiny SD, with trl 0.23.1 installed (requirements-test.txt has it): the reference trainer,
       trl's AlignPropTrainer, at the same configurations: its step / pipeline in the same interleaved
       rounds, ours / its step time (ours with the KL, and without it: the reference's objective), and ours /
@@ -47,11 +48,12 @@ class BenchConfig:
     resolution: int = 64  # image side; large enough that activations, not weights, dominate memory
     batch_size: int = 2  # prompts per step and per pipeline call
     repeats: int = 3  # timed repetitions per configuration (the median is reported)
-    guidance_scale: float = 7.5  # CFG scale for both the pipeline and the training step
+    # guidance scale for both the pipeline and the training step: CFG, or FLUX.1-dev's embedded guidance
+    guidance_scale: float = 7.5
     lora_rank: int = 4  # LoRA rank; the tiny models' attention is 16-32 wide, so 32 would dwarf it
     threads: int = 1  # torch CPU threads; 1 keeps timings steady when other processes share the cores
     # the tiny models to measure, in order
-    families: tuple[Literal["SD", "SDXL", "SD3", "FLUX.2"], ...] = ("SD", "SDXL", "SD3", "FLUX.2")
+    families: tuple[Literal["SD", "SDXL", "SD3", "FLUX.1", "FLUX.2"], ...] = ("SD", "SDXL", "SD3", "FLUX.1", "FLUX.2")
     fsdp_resolution: int = 32  # image side of the 2-process full fine-tune with and without --fsdp
     # shipped real models (configs/real: sd15 sdxl sd35-medium sd35-large ...) to measure at their real shapes with
     # random weights (bf16 on a GPU), instead of the tiny models; a pipeline folder is measured with its own configs
@@ -239,13 +241,17 @@ def median_seconds(fn, repeats: int) -> float:
 def time_parts(bench: BenchConfig, model: str, clip: str) -> tuple[float, dict[str, str]]:
     """Where a step's time goes: seconds of one no-grad call with CFG of the UNet as loaded (no LoRA
     layers), and the other parts of a step in units of that call."""
+    import generation
     import models
+    import sampling
 
     trainer = make_trainer(bench, model, clip, steps=10, truncation=1, checkpointing="")
     model_, prompts = trainer.model, PROMPTS[: bench.batch_size]
-    conditioning = models.encode_prompts(model_, prompts, True, bench.resolution)
+    guidance = model_.family.guidance(model_, generation.SamplerSettings.of(trainer.cfg))
+    guided = sampling.uses_guidance(guidance.cfg_scale)  # FLUX.1-dev embeds its guidance instead
+    conditioning = models.encode_prompts(model_, prompts, guided, bench.resolution, guidance.embedded)
     latents = torch.randn(model_.latent_shape(bench.batch_size, bench.resolution))
-    model_input, t = torch.cat([latents, latents]), torch.tensor(500)
+    model_input, t = torch.cat([latents, latents]) if guided else latents, torch.tensor(500)
     merged = models.tuned_denoiser(model_, conditioning)  # merged weights whenever there is no graph
     layered = models.make_denoiser(model_.unet, conditioning)
     base = models.base_denoiser(model_, conditioning)
@@ -291,7 +297,7 @@ def takes_reference(model: str) -> bool:
 def report(bench: BenchConfig, family: str, model: str, clip: str) -> None:
     reference_fits = takes_reference(model)
     with_reference = reference_fits and importlib.util.find_spec("trl") is not None
-    print(f"tiny {family} at {bench.resolution}px, batch {bench.batch_size}, CFG {bench.guidance_scale}, "
+    print(f"tiny {family} at {bench.resolution}px, batch {bench.batch_size}, guidance {bench.guidance_scale}, "
           f"LoRA rank {bench.lora_rank}, {torch.get_num_threads()} threads; median [range] of "
           f"{bench.repeats} interleaved rounds", flush=True)
     timings, memory = {}, {}
@@ -483,7 +489,7 @@ def real_shape_report(bench: BenchConfig, model: str, reward_backbone: str, devi
     trainer = real_trainer(bench, model, reward_backbone, device, workdir, *REAL_STEPS[0])
     cfg = trainer.cfg
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(cfg.batch_size)]
-    shape = f"{cfg.resolution} px, batch {cfg.batch_size}, N={cfg.inference_steps}, CFG {cfg.guidance_scale}"
+    shape = f"{cfg.resolution} px, batch {cfg.batch_size}, N={cfg.inference_steps}, guidance {cfg.guidance_scale}"
     name = os.path.basename(os.path.normpath(model))
 
     def sample():
@@ -586,7 +592,7 @@ def main(bench: BenchConfig) -> None:
     with tempfile.TemporaryDirectory() as folder:
         clip = tiny_rewards.make_tiny_clip(os.path.join(folder, "clip"))
         factories = {"SD": tiny_models.make_tiny_sd, "SDXL": tiny_models.make_tiny_sdxl, "SD3": tiny_models.make_tiny_sd3,
-                     "FLUX.2": tiny_flux2.make_tiny_flux2}
+                     "FLUX.1": tiny_models.make_tiny_flux, "FLUX.2": tiny_flux2.make_tiny_flux2}
         for family in bench.families:
             report(bench, family, factories[family](os.path.join(folder, family.lower())), clip)
         if "SD" in bench.families:

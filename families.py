@@ -13,14 +13,17 @@ sampler, the KL and annealing never see the difference.
 """
 
 import contextlib
+import os
 from typing import ClassVar, NamedTuple
 
 import numpy as np
 import torch
 
+import utils
 from utils import UsageError
 
 UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+MAX_T5_TOKENS = 512  # FluxPipeline refuses longer prompts
 
 
 class Guidance(NamedTuple):
@@ -33,8 +36,8 @@ class Family:
     """The base class, SD's UNet path: a family sets the class attributes below and overrides the methods
     where its pipeline differs. Families hold no state; `model` carries everything loaded."""
 
-    name: ClassVar[str]  # recorded and shown in messages: "sd", "sdxl", "sd3"
-    label: ClassVar[str]  # the family's name for people: "SD", "SDXL", "SD3"
+    name: ClassVar[str]  # recorded and shown in messages: "sd", "sdxl", "sd3", "flux"
+    label: ClassVar[str]  # the family's name for people: "SD", "SDXL", "SD3", "FLUX.1"
     pipelines: ClassVar[tuple[str, ...]]  # the model_index.json `_class_name`s of this family
     denoiser_name: ClassVar[str] = "unet"  # the pipeline's network attribute; a full fine-tune's folder name
     lora_targets: ClassVar[tuple[str, ...]] = UNET_ATTENTION  # the modules peft puts LoRA on
@@ -45,6 +48,7 @@ class Family:
     flow: ClassVar[bool] = False  # the network predicts a velocity; the scheduler is flow matching
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)  # pipeline attributes offloaded between encodings
     t5_components: ClassVar[tuple[str, ...]] = ()  # what --no-t5 leaves out; empty: the family refuses it
+    true_cfg: ClassVar[bool] = False  # takes --true-cfg-scale (CFG beside a guidance embedding)
     defaults: ClassVar[dict]  # real-use values of the flags left unset (None)
     train_resolution: ClassVar[int | None] = None  # training image side; None: the model's own
 
@@ -68,6 +72,9 @@ class Family:
                              "pipeline scheduler (the default) or cps")
         if getattr(cfg, "no_t5", False) and not self.t5_components:
             raise UsageError(f"--no-t5: this model ({self.name}) has no T5 encoder")
+        if getattr(cfg, "true_cfg_scale", None) is not None and not self.true_cfg:
+            raise UsageError(f"--true-cfg-scale is for FLUX.1's guidance-distilled models; this model ({self.name}) "
+                             "takes its classifier-free guidance from --guidance-scale")
 
     def guidance(self, model, settings) -> Guidance:
         """The guidance of the sampler settings (`generation.SamplerSettings`: --guidance-scale and the
@@ -215,6 +222,136 @@ class SD3(Family):
         return list(network.transformer_blocks)
 
 
+class Flux(Family):
+    """FLUX.1 [dev], Krea [dev] and [schnell] (FluxPipeline): a transformer of double- and single-stream
+    blocks on 2x2-packed latents with RoPE position ids, conditioned on CLIP's pooled output and T5's
+    sequence. Guidance-distilled checkpoints (transformer config `guidance_embeds`) take the guidance
+    scale as an input; true CFG against the empty prompt is --true-cfg-scale, as FluxPipeline's."""
+    name, label = "flux", "FLUX.1"
+    pipelines = ("FluxPipeline",)
+    denoiser_name = "transformer"
+    # As diffusers' FLUX LoRA script (examples/dreambooth/train_dreambooth_lora_flux.py) and Flow-GRPO
+    # (scripts/train_flux.py) set them: every attention projection of the double-stream blocks, image and
+    # text, with both streams' feed-forwards, and q/k/v of the single-stream blocks (whose attention has
+    # no output projection). FLUX's prompt following lives in the text stream and its MLPs as much as in
+    # the image attention, and the LoRAs shared for FLUX.1 are trained on these layers.
+    lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                    "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                    "ff_context.net.2")
+    diffusers_lora_keys = False
+    flow = True
+    text_encoders = ("text_encoder", "text_encoder_2")
+    true_cfg = True
+    # FLUX.1-dev as FluxPipeline samples it (28 steps, guidance 3.5, 512 T5 tokens, no true CFG); LoRA
+    # rank 64 and alpha 128 as Flow-GRPO trains FLUX.1-dev (scripts/train_flux.py), at 512 px (its
+    # config/grpo.py pickscore_flux).
+    defaults = dict(scheduler="pipeline", inference_steps=28, guidance_scale=3.5, true_cfg_scale=1.0,
+                    max_sequence_length=MAX_T5_TOKENS, lora_rank=64, lora_alpha=128.0)
+    train_resolution = 512
+
+    def for_checkpoint(self, model):
+        """A checkpoint without the guidance embedding is timestep-distilled, as FLUX.1-schnell is."""
+        from diffusers import FluxTransformer2DModel
+
+        cache_only = not os.path.isdir(model) and not utils.hub_reachable()  # as models.load_model reads it
+        try:
+            config = FluxTransformer2DModel.load_config(model, subfolder="transformer", local_files_only=cache_only)
+        except Exception as error:  # hub, network and file errors alike end in one line
+            raise UsageError(f"cannot read the transformer config of model {model!r}: {str(error).strip()[:200]}"
+                             ) from None
+        return self if config.get("guidance_embeds") else FluxDistilled()
+
+    def validate(self, cfg) -> None:
+        if getattr(cfg, "no_t5", False):
+            raise UsageError("--no-t5: FLUX.1 cannot run without its T5 encoder; --offload-text-encoders keeps "
+                             "it on the CPU between encodings")
+        if cfg.scheduler == "cps":
+            raise UsageError("--sampler cps is not supported for FLUX.1, which samples with its pipeline's "
+                             "flow-match Euler scheduler (the default)")
+        super().validate(cfg)
+        if cfg.true_cfg_scale < 1:
+            raise UsageError(f"--true-cfg-scale must be >= 1 (1 is off), got {cfg.true_cfg_scale}")
+        if getattr(cfg, "max_sequence_length", 0) > MAX_T5_TOKENS:
+            raise UsageError(f"--max-sequence-length must be at most {MAX_T5_TOKENS} for FLUX.1, got "
+                             f"{cfg.max_sequence_length}")
+
+    def guidance(self, model, settings):
+        """True CFG is the sampler's batched guidance; --guidance-scale is the embedded guidance, which
+        a checkpoint without the embedding ignores, as the pipeline does."""
+        embedded = settings.guidance_scale if model.denoiser.config.guidance_embeds else None
+        return Guidance(settings.true_cfg_scale, embedded)
+
+    def encode_prompts(self, model, prompts, guided, resolution, embedded_guidance=None):
+        """T5's sequence of --max-sequence-length tokens, CLIP's pooled output and the text ids, by
+        FluxPipeline.encode_prompt; the negative of true CFG is the encoded empty prompt."""
+        def encode(texts):
+            return model.pipe.encode_prompt(texts, device=model.denoiser.device,
+                                            max_sequence_length=model.text.max_sequence_length)
+
+        hidden, pooled, text_ids = encode(prompts)
+        if guided:
+            negative, negative_pooled, _ = encode([""] * len(prompts))
+            hidden, pooled = torch.cat([negative, hidden]), torch.cat([negative_pooled, pooled])
+        conditioning = {"encoder_hidden_states": hidden, "pooled_projections": pooled, "txt_ids": text_ids}
+        if embedded_guidance is not None:
+            conditioning["guidance"] = torch.tensor([embedded_guidance], device=model.denoiser.device)
+        return conditioning
+
+    def call(self, network, latents, t, conditioning):
+        """As FluxPipeline's loop calls the transformer: the latents packed into 2x2 patches with their
+        position ids, the timestep / 1000 and the guidance (float32) per sample; the velocity unpacked."""
+        from diffusers import FluxPipeline
+
+        batch, channels, height, width = latents.shape
+        kwargs = dict(conditioning)
+        if "guidance" in kwargs:
+            kwargs["guidance"] = kwargs["guidance"].expand(batch)
+        packed = FluxPipeline._pack_latents(latents, batch, channels, height, width)
+        image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, latents.device, latents.dtype)
+        out = network(hidden_states=packed, timestep=t.expand(batch).to(latents.dtype) / 1000, img_ids=image_ids,
+                      **kwargs, return_dict=False)[0]
+        return FluxPipeline._unpack_latents(out, height, width, 1)  # sides given in latent pixels: factor 1
+
+    def latent_shape(self, model, batch, resolution):
+        """The unpacked shape FluxPipeline.prepare_latents draws x_T in, before it packs them."""
+        side = 2 * (resolution // self.resolution_multiple(model))
+        return (batch, model.denoiser.config.in_channels // 4, side, side)
+
+    def schedule_kwargs(self, model, resolution, num_steps, sigmas=()):
+        """FluxPipeline's sigmas (1 to 1/N, evenly spaced) and its `mu` of dynamic shifting from the
+        image's token count (a scheduler without dynamic shifting, schnell's, ignores it)."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config = model.scheduler.config
+        tokens = (resolution // self.resolution_multiple(model)) ** 2
+        mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        return {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps), "mu": mu}
+
+    def default_resolution(self, model):
+        """The pipeline's default height and width (1024 px for FLUX.1)."""
+        return model.pipe.default_sample_size * model.pipe.vae_scale_factor
+
+    def resolution_multiple(self, model):
+        """Latent pixels, and 2x2 of them to a packed token."""
+        return model.pipe.vae_scale_factor * 2
+
+    def shard_units(self, network):
+        """Each double-stream and each single-stream block."""
+        return [*network.transformer_blocks, *network.single_transformer_blocks]
+
+
+class FluxDistilled(Flux):
+    """A FLUX.1 checkpoint without the guidance embedding (FLUX.1-schnell), with the settings diffusers'
+    FLUX documentation samples schnell with: 4 steps, guidance 0, 256 T5 tokens."""
+    defaults = {**Flux.defaults, "inference_steps": 4, "guidance_scale": 0.0, "max_sequence_length": 256}
+
+    def validate(self, cfg) -> None:
+        super().validate(cfg)
+        if cfg.guidance_scale:
+            raise UsageError(f"--guidance-scale {cfg.guidance_scale}: this FLUX.1 checkpoint has no guidance embedding "
+                             "(schnell-like); leave it out, or guide with --true-cfg-scale")
+
 
 class Flux2Klein(Family):
     """FLUX.2 [klein] (Flux2KleinPipeline): the base 4B/9B, guided with real classifier-free guidance,
@@ -335,6 +472,7 @@ class Flux2Klein(Family):
         """Each double-stream and each single-stream block."""
         return [*network.transformer_blocks, *network.single_transformer_blocks]
 
+
 @contextlib.contextmanager
 def _fp16_autocast_suspended(vae):
     """An fp32 VAE under fp16 autocast would run in fp16 after all."""
@@ -345,7 +483,7 @@ def _fp16_autocast_suspended(vae):
         yield
 
 
-FAMILIES: tuple[Family, ...] = (SD(), SDXL(), SD3(), Flux2Klein())
+FAMILIES: tuple[Family, ...] = (SD(), SDXL(), SD3(), Flux(), Flux2Klein())
 
 
 def of_pipeline(class_name: str) -> Family | None:

@@ -22,11 +22,15 @@ from utils import UsageError
 
 @dataclass(kw_only=True)
 class SamplerOptions:
-    # sampler steps N; default 50 (SD, SDXL, FLUX.2 [klein] base), 40 (SD3, as FDFO), 4 (klein distilled), len(--sigmas)
+    # sampler steps N; default 50 (SD, SDXL, FLUX.2 [klein] base), 40 (SD3, as FDFO), 28 (FLUX.1-dev), 4 (FLUX.1
+    # without its guidance embedding: schnell; klein distilled), len(--sigmas)
     inference_steps: int | None = None
     # classifier-free guidance scale (1 turns guidance off); default 7.5 (SD, SDXL), 4.5 (SD3; FDFO's no-CFG checkpoints
-    # need 1), 4 (FLUX.2 [klein] base; its distilled models take none)
+    # need 1), 4 (FLUX.2 [klein] base; its distilled models take none); FLUX.1: the embedded guidance of
+    # guidance-distilled models (default 3.5; 0 for schnell, which has none)
     guidance_scale: float | None = None
+    # FLUX.1: true classifier-free guidance against the empty prompt, a second network call per step (default 1: off)
+    true_cfg_scale: float | None = None
     # eta of DDIM (0 deterministic, 1 DDPM-like noise) and of cps (0 is the Euler step; RTDMD samples with 0.9); others ignore it
     eta: float = 0.0
     # ddim: DDIM built from the pipeline's config (SD, SDXL default); pipeline: its own (SD3, FLUX.2 default: flow-match
@@ -41,7 +45,8 @@ class SamplerOptions:
 
 @dataclass(kw_only=True)
 class TextEncoderOptions:
-    # text tokens of a prompt; default the pipeline's: 256 T5 tokens (SD3; FDFO trains with 128), 512 Qwen3 tokens (FLUX.2)
+    # text tokens of a prompt; default the pipeline's: 256 T5 tokens (SD3; FDFO trains with 128), 512 T5 tokens
+    # (FLUX.1-dev; 256 for schnell), 512 Qwen3 tokens (FLUX.2)
     max_sequence_length: int | None = None
     no_t5: bool = False  # SD3: run without the T5 encoder (zeros in its place), as diffusers allows, for memory
     offload_text_encoders: bool = False  # keep the text encoders on the CPU except while they encode (T5-XXL is 9 GB)
@@ -198,11 +203,14 @@ class SamplerSettings:
     guidance_scale: float
     eta: float = 0.0
     sigmas: tuple[float, ...] = ()  # a custom schedule (cps); empty: the scheduler's own
+    true_cfg_scale: float = 1.0  # FLUX.1's true CFG beside its embedded guidance; 1: off
 
     @classmethod
-    def of(cls, cfg) -> "SamplerSettings":
+    def of(cls, cfg, resolution: int | None = None) -> "SamplerSettings":
         """From an entry script's config (its family defaults and resolution already resolved)."""
-        return cls(cfg.resolution, cfg.inference_steps, cfg.guidance_scale, cfg.eta, cfg.sigmas)
+        true_cfg_scale = 1.0 if cfg.true_cfg_scale is None else cfg.true_cfg_scale
+        return cls(resolution or cfg.resolution, cfg.inference_steps, cfg.guidance_scale, cfg.eta, cfg.sigmas,
+                   true_cfg_scale)
 
 
 def generate(

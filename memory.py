@@ -40,7 +40,7 @@ class Mode:
     truncation: int = 1  # K
     # none; the per-call checkpoint alone at K > 1 (--checkpoint-calls-only; at K = 1 the blocks); calls and blocks
     checkpointing: Literal["", "steps", "blocks"] = "blocks"
-    guided: bool = True  # CFG doubles the denoiser's batch
+    guided: bool = True  # the family's default guidance (CFG doubles the denoiser's batch; FLUX.1-dev embeds it)
     weight_bytes: int = BF16  # frozen weights and activations: bf16 on a GPU, fp32 on the CPU
 
 
@@ -164,17 +164,28 @@ def checkpointed_units(blocks: list[torch.nn.Module]) -> list[torch.nn.Module]:
             for unit in [*getattr(block, "resnets", []), *(getattr(block, "attentions", None) or [])] or [block]]
 
 
+def default_sampler_settings(family, mode: Mode):
+    """The family's real-use guidance at the mode's shape (one step: the step count shapes no call)."""
+    import generation
+
+    scales = {"true_cfg_scale": family.defaults["true_cfg_scale"]} if "true_cfg_scale" in family.defaults else {}
+    return generation.SamplerSettings(mode.resolution, 1, family.defaults["guidance_scale"], **scales)
+
+
 def trace_step(model: str, reward_backbone: str, mode: Mode) -> StepParts:
     """Build the model and reward on the meta device through the training code's loaders, encode prompts and
     trace one graph call of the denoiser, the decode and the reward at the mode's shape."""
     import models
+    import sampling
 
     dtype = torch.bfloat16 if mode.weight_bytes == BF16 else torch.float32
     with tempfile.TemporaryDirectory() as workdir:
         model_ = shapes.random_weights_loader(workdir)(shapes.model_folder(model), torch.device("meta"), dtype)
         reward = shapes.random_pickscore_loader(workdir, reward_backbone)("pickscore", dtype=dtype, device="meta")
         prompts = ["a photograph of an astronaut riding a horse"] * mode.batch
-        conditioning = models.encode_prompts(model_, prompts, mode.guided, mode.resolution)
+        guidance = model_.family.guidance(model_, default_sampler_settings(model_.family, mode))
+        guided = mode.guided and sampling.uses_guidance(guidance.cfg_scale)
+        conditioning = models.encode_prompts(model_, prompts, guided, mode.resolution, guidance.embedded)
     denoiser = model_.denoiser
     denoiser_parameters = shapes.parameter_count(denoiser)
     models.attach_lora(model_, mode.lora_rank or 1, mode.lora_rank or 1)
@@ -182,7 +193,7 @@ def trace_step(model: str, reward_backbone: str, mode: Mode) -> StepParts:
     targeted = sum(layer.base_layer.weight.numel() for layer in model_.lora.layers)
     shape = model_.latent_shape(mode.batch, mode.resolution)
     latents = torch.empty(shape, device="meta", dtype=dtype, requires_grad=True)
-    model_input = torch.cat([latents, latents]) if mode.guided else latents
+    model_input = torch.cat([latents, latents]) if guided else latents
     call = models.make_denoiser(denoiser, conditioning)
     blocks = model_.family.shard_units(denoiser)
     denoiser_saved = trace_saved(lambda: call(model_input, torch.tensor(500.0, device="meta")), denoiser,

@@ -65,8 +65,8 @@ IMAGE_FILE = re.compile(r"img_(\d+)_(\d+)\.png")
 PROMPT_FILE = re.compile(r"prompt_(\d+)\.txt")
 # Settings of generation: an --images run records none of them, as none of them shaped its images.
 GENERATION_FIELDS = ("checkpoint", "model", "protocol", "weighing", "prompt_set", "num_repeats", "seed",
-                     "inference_steps", "guidance_scale", "eta", "scheduler", "sigmas", "resolution",
-                     "max_sequence_length", "no_t5", "offload_text_encoders", "lora_alpha", "raw_weights")
+                     "inference_steps", "guidance_scale", "true_cfg_scale", "eta", "scheduler", "sigmas",
+                     "resolution", "max_sequence_length", "no_t5", "offload_text_encoders", "lora_alpha", "raw_weights")
 
 
 @dataclass(kw_only=True)

@@ -293,8 +293,7 @@ class Trainer:
         """Sample with the graph on the last `truncation` steps; return images and the KL (None unless
         it is asked for: the base model's call would cost for nothing)."""
         cfg = self.cfg
-        settings = generation.SamplerSettings(self.resolution, cfg.inference_steps, cfg.guidance_scale, cfg.eta,
-                                              cfg.sigmas)
+        settings = generation.SamplerSettings.of(cfg, self.resolution)
         # Latents stay fp32, and only the denoiser's calls are autocast (model.autocast): the scheduler
         # arithmetic is that of fp32 sampling.
         return generation.generate(self.model, prompts, seeds, settings, truncation_steps=truncation,
@@ -417,8 +416,7 @@ class Trainer:
         cfg = self.cfg
         prompts = val_metrics_prompts(cfg)
         image_set = evaluation.ImageSet("draft", prompts, dict.fromkeys(prompts, cfg.val_metrics_repeats))
-        settings = generation.SamplerSettings(self.resolution, cfg.inference_steps, cfg.guidance_scale, cfg.eta,
-                                              cfg.sigmas)
+        settings = generation.SamplerSettings.of(cfg, self.resolution)
 
         def images_of(one_set, batch):
             return evaluation.rendered_as_saved(self.model, one_set, batch, settings, cfg.val_metrics_seed)

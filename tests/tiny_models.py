@@ -239,3 +239,51 @@ def make_tiny_sd3(folder: str, seed: int = 0, t5: bool = True, dynamic_shifting:
     )
     pipe.save_pretrained(folder)
     return folder
+
+
+FLUX_LATENT_CHANNELS = 16
+FLUX_T5_DIM = 32  # T5's width, the transformer's joint_attention_dim (4096 in FLUX.1)
+
+
+def make_tiny_flux(folder: str, seed: int = 0, guidance_embeds: bool = True) -> str:
+    """A FLUX.1 pipeline folder: the transformer with one double-stream and one single-stream block,
+    RoPE over the (text, row, column) axes, and a guidance embedding as FLUX.1-dev has it (or none, as
+    FLUX.1-schnell); CLIP (pooled output only) and T5 text encoders; a 16-channel VAE with FLUX's
+    scaling and shift factors; and the flow-match Euler scheduler of each checkpoint: dynamic shifting
+    from the image's token count for dev, a plain shift of 1 for schnell (their scheduler_config.json)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * FLUX_LATENT_CHANNELS,  # 2x2 patches of latents, packed by the pipeline
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=FLUX_T5_DIM,
+        pooled_projection_dim=TEXT_DIM,  # CLIP's pooled output
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6),  # sums to the head dimension, as (16, 56, 56) to 128 in FLUX.1
+    )
+    vae = vae_of_factor_4(latent_channels=FLUX_LATENT_CHANNELS, scaling_factor=0.3611, shift_factor=0.1159,
+                          use_quant_conv=False, use_post_quant_conv=False)
+    text_encoder = CLIPTextModel(clip_text_config())
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=56, d_model=FLUX_T5_DIM, d_kv=8, d_ff=64, num_layers=2,
+                                             num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0))
+    shifts = (dict(use_dynamic_shifting=True, shift=3.0) if guidance_embeds
+              else dict(use_dynamic_shifting=False, shift=1.0))
+    scheduler = FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, max_image_seq_len=4096, base_shift=0.5,
+                                                max_shift=1.15, **shifts)
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(write_clip_tokenizer(os.path.join(folder, "tokenizer"))),
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=T5TokenizerFast.from_pretrained(write_t5_tokenizer(os.path.join(folder, "tokenizer_2"))),
+    )
+    pipe.save_pretrained(folder)
+    return folder
