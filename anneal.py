@@ -230,8 +230,8 @@ def tradeoff_plot(rows: list[dict], name: str, compared: list["Compared"]):
     """Mean score (y) against diversity (x): one labelled dot per weighing, and the --compare results."""
     ours = plots.Series("this run", [plots.Point(row["diversity"], row[name], row["weighing"]) for row in rows])
     others = [plots.Series(one.label, one.points[name]) for one in compared]
-    return plots.chart([ours, *others], "diversity (mean pairwise RMS pixel difference)", f"mean {name}",
-                       legend=bool(compared))
+    return plots.figure([plots.Panel([ours, *others], "diversity (mean pairwise RMS pixel difference)",
+                                     f"mean {name}", legend=bool(compared))])
 
 
 @dataclass
@@ -292,8 +292,7 @@ def write_tradeoff(cfg: AnnealConfig, rows: list[dict], records: list[dict], num
     table = markdown_table(rows, cfg.score)
     save_text(table.rstrip("\n"), os.path.join(cfg.out, "tradeoff.md"))
     for name in cfg.score:
-        plot = tradeoff_plot(rows, name, compared)
-        save_image(plot, os.path.join(cfg.out, f"tradeoff_{name}.png"))
+        plots.save_png(tradeoff_plot(rows, name, compared), os.path.join(cfg.out, f"tradeoff_{name}.png"))
     return table
 
 
@@ -305,6 +304,7 @@ def main(cfg: AnnealConfig) -> None:
     compared = validate(cfg)
     weighings, all_prompts = weighing_names(cfg), chosen_prompts(cfg)
     dist = utils.init_distributed(cfg.device)
+    generation.print_protocol(cfg)
     model, cfg = generation.load_for_inference(cfg, cfg.checkpoint, dist.device)
     setup = evaluation.MetricSetup(dist.device, rewards.parse_reward_sources(cfg.reward_source), dreamsim_cache="")
     scorers = evaluation.load_metrics(list(cfg.score), setup, dist)
@@ -322,4 +322,4 @@ def main(cfg: AnnealConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(utils.cli_with_presets(AnnealConfig, PRESETS, __doc__))
+    main(utils.cli_with_presets(AnnealConfig, PRESETS, __doc__, protocols=generation.PROTOCOLS))

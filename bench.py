@@ -486,7 +486,8 @@ def real_shape_report(bench: BenchConfig, model: str, reward_backbone: str, devi
     name = os.path.basename(os.path.normpath(model))
 
     def sample():
-        with torch.no_grad(), trainer.autocast():
+        amp = trainer.model.autocast  # the stock pipeline under the autocast training's denoiser calls run under
+        with torch.no_grad(), torch.autocast(device.device.type, dtype=amp, enabled=amp is not None):
             trainer.model.pipe(prompts, num_inference_steps=cfg.inference_steps, guidance_scale=cfg.guidance_scale,
                                height=cfg.resolution, width=cfg.resolution, output_type="pt",
                                generator=generators(range(cfg.batch_size), device.device))

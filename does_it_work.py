@@ -1,4 +1,4 @@
-r"""The demo-world experiment of the README's "Does it work?": DRaFT+ against its KL coefficient, and
+r"""The demo-world experiment of "Does it work?" (docs/demo.md): DRaFT+ against its KL coefficient, and
 annealed guidance (AIG) of low-KL checkpoints toward the base model, on held-out prompts and seeds,
 with 95% intervals over training seeds.
 
@@ -134,25 +134,25 @@ def figure(rows: list[dict]):
     """Gold aesthetic against gold fidelity and against diversity; a curve per family, AIG joined to its
     checkpoint (draft) and to the base model, the two ends of its mixing."""
     base = next(row for row in rows if row["family"] == "base")
-    families = list(dict.fromkeys(row["family"] for row in rows if row["family"] != "base"))
-    charts = []
+    curves = list(dict.fromkeys(row["family"] for row in rows if row["family"] != "base"))
+    panels = []
     for x_name, x_label in (("gold_fidelity", "gold fidelity (fraction of images with the prompted colours)"),
                             ("gold_diversity", "diversity (mean pairwise RMS pixel distance)")):
         series = []
-        for family in families:
-            members = [row for row in rows if row["family"] == family]
-            if family == "KL sweep":
+        for curve in curves:
+            members = [row for row in rows if row["family"] == curve]
+            if curve == "KL sweep":
                 points = [point(row, x_name, f"{row['kl_coeff']:g}") for row in members]
             else:
                 tuned = next(row for row in rows if row["family"] == "KL sweep"
                              and row["kl_coeff"] == members[0]["kl_coeff"])
                 points = ([point(tuned, x_name)] + [point(row, x_name, row["weighing"]) for row in members]
                           + [point(base, x_name)])
-            series.append(plots.Series(family, points, joined=True))
+            series.append(plots.Series(curve, points, joined=True))
         series.append(plots.Series("base", [point(base, x_name, "base")]))
         title = f"mean over {base_seeds(rows)} training seeds, 95% intervals"
-        charts.append(plots.chart(series, x_label, "gold aesthetic", title, size=(760, 560)))
-    return plots.side_by_side(charts)
+        panels.append(plots.Panel(series, x_label, "gold aesthetic", title))
+    return plots.figure(panels, panel_size=(760, 560))
 
 
 def base_seeds(rows: list[dict]) -> int:
@@ -168,8 +168,7 @@ def main(cfg: ExperimentConfig) -> None:
     table = markdown(rows)
     with open(os.path.join(cfg.out, "results.md"), "w") as f:
         f.write(table)
-    image = figure(rows)
-    image.save(os.path.join(cfg.out, "does_it_work.png"))
+    plots.save_png(figure(rows), os.path.join(cfg.out, "does_it_work.png"))
     print(table, end="")
     print(f"wrote {cfg.out}/results.json, results.md, does_it_work.png")
 

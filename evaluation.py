@@ -52,7 +52,10 @@ class MetricSpec:
 def load_reward_metric(name: str, setup: MetricSetup) -> PerImage:
     # float32 whatever the generation dtype: bf16 would quantise a PickScore near 21 to steps of 0.125
     reward = rewards.load_reward(name, setup.reward_sources, torch.float32, setup.device, hps_arch=setup.hps_arch)
-    return lambda images, prompts: reward(images, prompts).float().cpu()
+    # The VLM judge scores as FDFO's evaluation does, its processor resizing the 8-bit images; the reward's
+    # differentiable resize is for training.
+    score = reward.rewards[name].published_scores if name in rewards.VLM_QUESTIONS else reward
+    return lambda images, prompts: score(images, prompts).float().cpu()
 
 
 def mean_over_repeats(scores: torch.Tensor) -> float:

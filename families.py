@@ -29,6 +29,9 @@ class Guidance(NamedTuple):
 
 
 class Family:
+    """The base class, SD's UNet path: a family sets the class attributes below and overrides the methods
+    where its pipeline differs. Families hold no state; `model` carries everything loaded."""
+
     name: ClassVar[str]  # recorded and shown in messages: "sd", "sdxl", "sd3"
     label: ClassVar[str]  # the family's name for people: "SD", "SDXL", "SD3"
     pipelines: ClassVar[tuple[str, ...]]  # the model_index.json `_class_name`s of this family
@@ -46,6 +49,12 @@ class Family:
 
     def __repr__(self) -> str:
         return f"<{self.label} family>"
+
+    def for_checkpoint(self, model: str) -> "Family":
+        """The family as checkpoint `model` (folder or hub id) sets it up, read before the pipeline loads:
+        here the same for all. A family whose checkpoints differ in their real-use defaults (a
+        guidance-distilled one, told by its config) returns an instance holding that checkpoint's."""
+        return self
 
     # -- options
 

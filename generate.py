@@ -111,6 +111,7 @@ def main(cfg: GenerateConfig) -> None:
     validate(cfg)
     weighings, all_prompts = weighing_names(cfg), chosen_prompts(cfg)
     dist = utils.init_distributed(cfg.device)
+    generation.print_protocol(cfg)
     model, cfg = generation.load_for_inference(cfg, cfg.checkpoint, dist.device)
     utils.ensure_writable_dir(os.path.dirname(os.path.abspath(cfg.out)))
 
@@ -127,4 +128,4 @@ def main(cfg: GenerateConfig) -> None:
 
 
 if __name__ == "__main__":
-    main(utils.cli_with_presets(GenerateConfig, PRESETS, __doc__))
+    main(utils.cli_with_presets(GenerateConfig, PRESETS, __doc__, protocols=generation.PROTOCOLS))

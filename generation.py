@@ -1,6 +1,7 @@
 """Prompts and seeds to images: the glue between models.py and families.py (family-specific) and
 sampling.py (family-free), shared by training rollouts, annealed sampling, grids and metrics."""
 
+import contextlib
 from dataclasses import dataclass, field, fields, replace
 from typing import Annotated, Iterator, Literal, Mapping
 
@@ -50,8 +51,34 @@ class RewardSourceOption:
     reward_source: list[str] = field(default_factory=list)  # NAME=PATH: load reward NAME from a local folder/file
 
 
+SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
+
+# Every setting of a published system's own evaluation that shapes its images, from its code
+# (tests/test_protocols.py checks each against the line it comes from). Neither system's prompt selection
+# nor noise seeds are ours to copy: numbers compare within their confidence intervals.
+PROTOCOLS = {
+    # FDFO (NVlabs/finite-difference-flow-optimization): eval/calculate_metrics.py samples with the stock
+    # StableDiffusion3Pipeline of eval/models.py (bf16, its own flow-match Euler scheduler, its default of
+    # 256 T5 tokens; FDFO trains with 128) at 512 px, 40 steps, guidance 1 (its -cfg-2.0 / -cfg-4.5
+    # checkpoints: add that --guidance-scale).
+    "fdfo": dict(model=SD35_MEDIUM, scheduler="pipeline", inference_steps=40, guidance_scale=1.0, resolution=512,
+                 max_sequence_length=256, dtype="bfloat16"),
+    # RTDMD (Harahan/RTDMD): configs/inference/sd35m.yaml run by rtdmd/inference.py: bf16, 1024 px, its CPS
+    # step with eta 0.9 on timesteps 1000 750 500 250 at shift 3, no CFG, T5 at 128 tokens, LoRA alpha 64.
+    "rtdmd": dict(model=SD35_MEDIUM, scheduler="cps", sigmas=(1.0, 0.9, 0.75, 0.5), eta=0.9, guidance_scale=1.0,
+                  resolution=1024, max_sequence_length=128, lora_alpha=models.RTDMD_LORA_ALPHA, dtype="bfloat16"),
+}
+
+
 @dataclass(kw_only=True)
-class InferenceOptions(SamplerOptions, TextEncoderOptions, DeviceOption):
+class ProtocolOption:
+    # a published system's evaluation settings in one flag (generation.PROTOCOLS, printed at start): fdfo (SD3.5 Medium,
+    # 40 steps, guidance 1, 512 px) or rtdmd (its 4-step cps sampler at 1024 px); a flag given beside it wins, said in a line
+    protocol: Literal["none", *PROTOCOLS] = "none"
+
+
+@dataclass(kw_only=True)
+class InferenceOptions(SamplerOptions, TextEncoderOptions, DeviceOption, ProtocolOption):
     model: str | None = None  # base pipeline (hub id or folder); default: the one the checkpoint records, else SD 1.5
     # alpha of LoRA state dicts saved with torch.save (RTDMD's .pt), which do not record it (scale = alpha / rank)
     lora_alpha: float = models.RTDMD_LORA_ALPHA
@@ -63,7 +90,15 @@ class InferenceOptions(SamplerOptions, TextEncoderOptions, DeviceOption):
 
 
 def validate_shared_options(cfg) -> None:
-    """The checks of the shared option groups a config has, and no float flag NaN or infinite."""
+    """The checks of the shared option groups a config has, and no float flag NaN or infinite; a setting
+    of --protocol that a flag beside it contradicts is named with the error."""
+    if getattr(cfg, "protocol", "none") != "none" and getattr(cfg, "preset", "none") != "none":
+        raise UsageError(f"--protocol {cfg.protocol} and --preset {cfg.preset} both set the sampler; give one")
+    with protocol_named_in_errors(cfg):
+        _validate_shared_options(cfg)
+
+
+def _validate_shared_options(cfg) -> None:
     utils.require_finite(cfg)
     if isinstance(cfg, SamplerOptions):
         utils.require_at_least_one(inference_steps=cfg.inference_steps)
@@ -78,6 +113,38 @@ def validate_shared_options(cfg) -> None:
         utils.require_at_least_one(batch_size=cfg.batch_size)
     if isinstance(cfg, RewardSourceOption):
         rewards.parse_reward_sources(cfg.reward_source)
+
+
+def _as_typed(setting) -> str:
+    """A setting as it is typed after its flag."""
+    return " ".join(map(str, setting)) if isinstance(setting, tuple) else str(setting)
+
+
+def protocol_settings(name: str) -> str:
+    """A protocol's settings as the flags that would give them."""
+    return " ".join(f"{utils.flag(key)} {_as_typed(setting)}" for key, setting in PROTOCOLS[name].items())
+
+
+@contextlib.contextmanager
+def protocol_named_in_errors(cfg):
+    """An error about flags that --protocol set says so: the user may have given only the flag that conflicts."""
+    try:
+        yield
+    except UsageError as error:
+        if getattr(cfg, "protocol", "none") == "none":
+            raise
+        raise UsageError(f"{error} (--protocol {cfg.protocol} sets {protocol_settings(cfg.protocol)})") from None
+
+
+def print_protocol(cfg) -> None:
+    """The protocol's settings, and each flag given beside it that overrides one of them."""
+    if cfg.protocol == "none":
+        return
+    utils.print0(f"--protocol {cfg.protocol}: {protocol_settings(cfg.protocol)}")
+    for key, setting in PROTOCOLS[cfg.protocol].items():
+        if getattr(cfg, key) != setting:
+            utils.print0(f"note: {utils.flag(key)} {_as_typed(getattr(cfg, key))} given, over --protocol "
+                         f"{cfg.protocol}'s {_as_typed(setting)}")
 
 
 def validate_sigmas(cfg: SamplerOptions) -> None:
@@ -151,8 +218,8 @@ def generate(
     model.scheduler.set_timesteps(settings.num_steps, device=device, **schedule)
     shape = model.latent_shape(len(prompts), settings.resolution)
     x_T = sampling.initial_latents(shape, gens, model.scheduler, device, latent_dtype)
-    base = models.base_denoiser(model, conditioning)
-    tuned = base if base_only else models.tuned_denoiser(model, conditioning)
+    base = under_autocast(models.base_denoiser(model, conditioning), model.autocast)
+    tuned = base if base_only else under_autocast(models.tuned_denoiser(model, conditioning), model.autocast)
     trajectory = sampling.sample(
         tuned, model.scheduler, x_T, num_steps=settings.num_steps, guidance_scale=guidance.cfg_scale,
         eta=settings.eta, generator=gens, truncation_steps=truncation_steps,
@@ -161,6 +228,19 @@ def generate(
         lv_samples=lv_samples, checkpoint_denoiser=checkpoint_denoiser, schedule=schedule,
     )
     return models.decode(model, trajectory.latents), trajectory.kl
+
+
+def under_autocast(denoise, dtype: torch.dtype | None):
+    """The denoiser's calls, and only they, under autocast to `dtype` (None: none): prompt encoding, the
+    scheduler's arithmetic, the VAE and the rewards stay outside, in the dtypes they are made for."""
+    if dtype is None:
+        return denoise
+
+    def denoise_under_autocast(model_input, t):
+        with torch.autocast(model_input.device.type, dtype=dtype):
+            return denoise(model_input, t)
+
+    return denoise_under_autocast
 
 
 Job = tuple[int, int]  # (prompt index in its set, repeat)
@@ -211,10 +291,15 @@ def load_for_inference(cfg: InferenceOptions, checkpoints: tuple[str, ...], devi
     unless --raw-weights) on top, applied in order. Returns
     the model and `cfg` resolved for it: the model's name, its family's defaults, the resolution."""
     recorded = next((name for name in map(models.model_name, checkpoints) if name), None)
+    protocol_model = PROTOCOLS.get(cfg.protocol, {}).get("model")
+    if protocol_model and cfg.model == protocol_model and recorded not in (None, protocol_model):
+        raise UsageError(f"checkpoint {checkpoints[0]!r} was trained from {recorded!r}, not --protocol {cfg.protocol}'s "
+                         f"{protocol_model!r}; give --model {recorded} to sample it with the protocol's other settings")
     name = cfg.model or recorded or (None if checkpoints else models.DEFAULT_MODEL)
     if name is None:
         raise UsageError(f"checkpoint {checkpoints[0]!r} does not record its base model; name it with --model")
-    cfg = with_family_defaults(cfg, models.detect_family(name))
+    with protocol_named_in_errors(cfg):
+        cfg = with_family_defaults(cfg, models.detect_family(name))
     model = models.load_model(name, device, inference_dtype(cfg.dtype, device), cfg.scheduler, text_encoding(cfg))
     models.load_checkpoints_for_inference(model, checkpoints, cfg.lora_alpha, cfg.raw_weights)
     if not cfg.raw_weights and any(map(models.ema_folder, checkpoints)):

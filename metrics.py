@@ -13,10 +13,10 @@ fine-tuned checkpoint or any annealed mix of the two, generated here or read fro
     torchrun --nproc_per_node=8 metrics.py --checkpoint runs/sd15-pickscore/checkpoints/step-0001000 \
         --metrics pickscore hpsv2 dreamsim_diversity --prompt-set hpdv2 --num-prompts 500 --num-repeats 4 \
         --out out/sd15-pickscore-hpdv2.json
-    # RTDMD's stacked SD3.5 Medium LoRAs (cold start, then RL) with its 4-step CPS sampler
-    torchrun --nproc_per_node=8 metrics.py --model stabilityai/stable-diffusion-3.5-medium \
-        --checkpoint cold_start/generator_ema.pt rl/generator_ema.pt --sampler cps --eta 0.9 \
-        --sigmas 1.0 0.9 0.75 0.5 --guidance-scale 1 --prompt-set hpdv2 --num-prompts 3200 --num-repeats 4 \
+    # RTDMD's stacked SD3.5 Medium LoRAs (cold start, then RL) sampled as RTDMD evaluates them (its 4-step
+    # CPS sampler, T5 at 128 tokens, 1024 px: --protocol rtdmd; --protocol fdfo for FDFO's checkpoints)
+    torchrun --nproc_per_node=8 metrics.py --protocol rtdmd --checkpoint cold_start/generator_ema.pt \
+        rl/generator_ema.pt --prompt-set hpdv2 --num-prompts 3200 --num-repeats 4 \
         --metrics hpsv2 clip_h14 clip_l14 dreamsim_diversity --out out/rtdmd-hpdv2.json
 
 Metrics. pickscore, hpsv2, hpsv21, aesthetic, clip_l14, clip_h14, imagereward, vlm_alignment,
@@ -64,9 +64,9 @@ from utils import UsageError
 IMAGE_FILE = re.compile(r"img_(\d+)_(\d+)\.png")
 PROMPT_FILE = re.compile(r"prompt_(\d+)\.txt")
 # Settings of generation: an --images run records none of them, as none of them shaped its images.
-GENERATION_FIELDS = ("checkpoint", "model", "weighing", "prompt_set", "num_repeats", "seed", "inference_steps",
-                     "guidance_scale", "eta", "scheduler", "sigmas", "resolution", "max_sequence_length", "no_t5",
-                     "offload_text_encoders", "lora_alpha", "raw_weights")
+GENERATION_FIELDS = ("checkpoint", "model", "protocol", "weighing", "prompt_set", "num_repeats", "seed",
+                     "inference_steps", "guidance_scale", "eta", "scheduler", "sigmas", "resolution",
+                     "max_sequence_length", "no_t5", "offload_text_encoders", "lora_alpha", "raw_weights")
 
 
 @dataclass(kw_only=True)
@@ -154,6 +154,9 @@ def generated_image_sets(cfg: MetricsConfig) -> list[ImageSet]:
 
 def folder_image_sets(cfg: MetricsConfig) -> list[ImageSet]:
     """The folder itself if it holds images, else each of its subfolders that does (anneal.py's weighings)."""
+    if cfg.protocol != "none":
+        raise UsageError(f"--images scores existing images, so --protocol {cfg.protocol}, which sets how images are "
+                         "generated, has no use; drop one of the two")
     preset = PRESETS.get(cfg.preset, {})  # a preset's generation settings do not apply to existing images
     given = [utils.flag(name) for name in ("checkpoint", "model", "weighing", "raw_weights")
              if getattr(cfg, name) and getattr(cfg, name) != preset.get(name)]
@@ -277,6 +280,7 @@ def resolved_config(cfg: MetricsConfig, names: list[str], image_sets: list[Image
 def main(cfg: MetricsConfig, hps_arch: str = rewards.HPS_ARCH) -> None:
     names, image_sets = validate(cfg)
     dist = utils.init_distributed(cfg.device)
+    generation.print_protocol(cfg)
     dtype = generation.inference_dtype(cfg.dtype, dist.device)
     cfg = replace(cfg, dtype=str(dtype).removeprefix("torch."))
     sources = rewards.parse_reward_sources(cfg.reward_source)
@@ -303,4 +307,4 @@ def main(cfg: MetricsConfig, hps_arch: str = rewards.HPS_ARCH) -> None:
 
 
 if __name__ == "__main__":
-    main(utils.cli_with_presets(MetricsConfig, PRESETS, __doc__))
+    main(utils.cli_with_presets(MetricsConfig, PRESETS, __doc__, protocols=generation.PROTOCOLS))

@@ -50,6 +50,9 @@ class DiffusionModel:
     text: TextEncoding = field(default_factory=TextEncoding)
     # no-grad calls of a LoRA model run on merged weights, at the speed of the plain network
     merged_sampling: bool = True
+    # training's mixed precision: the denoiser's calls alone run under autocast to it (generation.generate), while
+    # the text encoders, the VAE and the rewards keep the dtypes they are made for (T5's fp32 `wo`, a bf16 judge)
+    autocast: torch.dtype | None = None
     _lora: "LoraLayers | None" = None
 
     @property
@@ -117,7 +120,7 @@ def detect_family(model: str) -> families.Family:
     family = families.of_pipeline(class_name)
     if family is None:
         raise UsageError(f"model {model!r} is a {class_name}; supported: {', '.join(families.pipeline_names())}")
-    return family
+    return family.for_checkpoint(model)
 
 
 def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.float32, scheduler: str | None = None,
@@ -588,9 +591,13 @@ def _load_peft_adapter(model: DiffusionModel, folder: str, adapter_name: str) ->
     from safetensors.torch import load_file
 
     with open(os.path.join(folder, PEFT_CONFIG)) as f:
-        peft_type = json.load(f).get("peft_type")
+        adapter_config = json.load(f)
+    peft_type = adapter_config.get("peft_type")
     if peft_type != "LORA":
         return f"its {PEFT_CONFIG} is of a {peft_type} adapter; only LoRA adapters load"
+    if adapter_config.get("use_dora"):
+        # The merged no-grad sampler adds B @ A alone to W (LoraLayers), without DoRA's magnitude rescaling.
+        return f"its {PEFT_CONFIG} has use_dora: DoRA adapters are not supported, only plain LoRA"
     weights = os.path.join(folder, PEFT_WEIGHTS)
     if not os.path.isfile(weights):
         return f"it has {PEFT_CONFIG} but no {PEFT_WEIGHTS}"

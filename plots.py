@@ -1,14 +1,22 @@
-"""Charts drawn with Pillow (no plotting dependency): anneal.py's reward-diversity trade-off, train.py's
-training curves, and the demo experiment's figure. A chart is a set of series of points, each point
-with optional 95% intervals on either axis, drawn as dots, joined by lines where the series asks."""
+"""Charts, drawn by matplotlib on its Agg canvas (no display, no pyplot state): anneal.py's reward-diversity
+trade-off, train.py's training curves and the demo experiment's figure. What is ours is which series a
+chart holds and how they are shown: a series is points, each with optional 95% intervals on either axis,
+drawn as markers, joined by a line, or as a faint raw curve under its exponential moving average."""
 
 import math
 from dataclasses import dataclass, field
 
-from PIL import Image, ImageDraw, ImageFont
+from adjustText import adjust_text
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
 
+import utils
+
+# matplotlib's own tab10 cycle in 8-bit RGB, so that a test can find a series' colour in the PNG
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+DPI = 100  # a panel of (W, H) pixels is a figure of W / DPI x H / DPI inches
 
 
 @dataclass
@@ -24,92 +32,112 @@ class Point:
 class Series:
     name: str
     points: list[Point] = field(default_factory=list)
-    joined: bool = False  # a line through the points in order (a curve), else dots alone
+    joined: bool = False  # a line through the points in order (a curve), else markers alone
     labelled: bool = True  # write each point's label beside it
+    smoothing: float | None = None  # a faint raw curve under its exponential moving average of this weight
 
 
-def _ticks(values: list[float], count: int = 6) -> list[float]:
-    """Round tick values (1, 2, 2.5 or 5 times a power of ten apart) from at or below the lowest value to at or
-    above the highest; the axis spans them."""
-    low, high = min(values), max(values)
-    if high == low:
-        low, high = low - (abs(low) * 0.1 or 1.0), high + (abs(high) * 0.1 or 1.0)
-    raw = (high - low) / count  # at most count + 1 ticks
-    power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw * (1 - 1e-9))
-    first, last = math.floor(low / step + 1e-9), math.ceil(high / step - 1e-9)
-    return [round(i * step, 12) for i in range(first, last + 1)]  # 0.3, not 0.30000000000000004
+@dataclass
+class Panel:
+    series: list[Series]
+    x_label: str
+    y_label: str
+    title: str = ""
+    legend: bool = True
+
+
+def smoothing_weight(count: int, span: int = 10) -> float:
+    """An average over about a tenth of the run (at least 1 point): visible trend, steps still resolved."""
+    return 1 - 1 / max(1, count // span)
+
+
+def moving_average(values: list[float], weight: float) -> list[float]:
+    """Exponential moving average, debiased as TensorBoard's and wandb's smoothing (the first values are
+    not pulled towards 0)."""
+    average, out = 0.0, []
+    for n, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight ** n))
+    return out
 
 
 def _finite(point: Point) -> bool:
     return math.isfinite(point.x) and math.isfinite(point.y)
 
 
-def chart(series: list[Series], x_label: str, y_label: str, title: str = "", size: tuple[int, int] = (720, 520),
-          legend: bool = True) -> Image.Image:
-    """One chart; points that are not finite (a metric not logged at a step) are left out."""
-    width, height = size
-    left, right, top, bottom = 80, 40, 46 if title else 30, 56
-    font = ImageFont.load_default(size=13)
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    points = [p for s in series for p in s.points if _finite(p)]
-    if not points:
-        draw.text((width / 2, height / 2), f"{title or y_label}: nothing logged", fill="black", font=font, anchor="mm")
-        return image
-    x_ticks = _ticks([v for p in points for v in (p.x, *(p.x_interval or ()))])
-    y_ticks = _ticks([v for p in points for v in (p.y, *(p.y_interval or ()))])
-    (x_low, x_high), (y_low, y_high) = (x_ticks[0], x_ticks[-1]), (y_ticks[0], y_ticks[-1])
-
-    def to_x(v: float) -> float:
-        return left + (v - x_low) / (x_high - x_low) * (width - left - right)
-
-    def to_y(v: float) -> float:
-        return height - bottom - (v - y_low) / (y_high - y_low) * (height - top - bottom)
-
-    draw.line([(left, top), (left, height - bottom), (width - right, height - bottom)], fill="black", width=1)
-    for x_value in x_ticks:
-        draw.line([(to_x(x_value), height - bottom), (to_x(x_value), height - bottom + 4)], fill="black")
-        draw.text((to_x(x_value), height - bottom + 7), f"{x_value:.4g}", fill="black", font=font, anchor="mt")
-    for y_value in y_ticks:
-        draw.line([(left - 4, to_y(y_value)), (left, to_y(y_value))], fill="black")
-        draw.text((left - 7, to_y(y_value)), f"{y_value:.4g}", fill="black", font=font, anchor="rm")
-    draw.text(((left + width - right) / 2, height - 6), x_label, fill="black", font=font, anchor="mb")
-    draw.text((left, top - 8), y_label, fill="black", font=font, anchor="lb")
-    if title:
-        draw.text((width / 2, 6), title, fill="black", font=ImageFont.load_default(size=15), anchor="mt")
-    for index, one in enumerate(series):
-        colour = COLOURS[index % len(COLOURS)]
-        shown = [p for p in one.points if _finite(p)]
-        if one.joined and len(shown) > 1:
-            draw.line([(to_x(p.x), to_y(p.y)) for p in shown], fill=colour, width=2)
-        for p in shown:
-            x, y = to_x(p.x), to_y(p.y)
-            if p.x_interval:
-                draw.line([(to_x(p.x_interval[0]), y), (to_x(p.x_interval[1]), y)], fill=colour, width=1)
-            if p.y_interval:
-                draw.line([(x, to_y(p.y_interval[0])), (x, to_y(p.y_interval[1]))], fill=colour, width=1)
-            radius = 2 if one.joined and len(shown) > 30 else 4
-            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
-            if one.labelled and p.label:
-                draw.text((x + 6, y - 6), p.label, fill=colour, font=font, anchor="lb")
-    if legend and any(s.name for s in series):
-        y = top + 4
-        for index, one in enumerate(series):
-            if one.name:
-                colour = COLOURS[index % len(COLOURS)]
-                draw.rectangle([width - right - 150, y + 3, width - right - 140, y + 13], fill=colour)
-                draw.text((width - right - 134, y), one.name, fill="black", font=font)
-                y += 18
-    return image
+def _draw_series(ax, series: Series, colour) -> list:
+    """The series on `ax`; returns its label texts, which adjust_text moves apart."""
+    shown = [p for p in series.points if _finite(p)]
+    xs, ys = [p.x for p in shown], [p.y for p in shown]
+    if series.smoothing is not None and len(shown) > 1:
+        ax.plot(xs, ys, color=colour, alpha=0.25, linewidth=1, label=f"{series.name or 'raw'} (raw)")
+        ax.plot(xs, moving_average(ys, series.smoothing), color=colour, linewidth=2,
+                label=f"exponential moving average, weight {series.smoothing:.2f}")
+        return []
+    marker_size = 3 if series.joined and len(shown) > 30 else 6
+    ax.plot(xs, ys, color=colour, marker="o", markersize=marker_size, linestyle="-" if series.joined else "none",
+            linewidth=1.5, label=series.name or None)
+    for p in shown:
+        if p.x_interval or p.y_interval:
+            x_error = [[p.x - p.x_interval[0]], [p.x_interval[1] - p.x]] if p.x_interval else None
+            y_error = [[p.y - p.y_interval[0]], [p.y_interval[1] - p.y]] if p.y_interval else None
+            ax.errorbar([p.x], [p.y], xerr=x_error, yerr=y_error, color=colour, linewidth=0.8, alpha=0.5,
+                        fmt="none")
+    # above every line, on a light ground, so that no curve or interval crosses a label's letters
+    return [ax.text(p.x, p.y, p.label, color=colour, fontsize=9, zorder=5,
+                    bbox=dict(facecolor="white", edgecolor="none", alpha=0.8, pad=0.5))
+            for p in shown if series.labelled and p.label]
 
 
-def side_by_side(charts: list[Image.Image], columns: int | None = None) -> Image.Image:
-    """Charts of one size in a grid, `columns` wide (default: all in one row)."""
-    columns = columns or len(charts)
-    rows = math.ceil(len(charts) / columns)
-    width, height = charts[0].size
-    sheet = Image.new("RGB", (width * columns, height * rows), "white")
-    for index, one in enumerate(charts):
-        sheet.paste(one, ((index % columns) * width, (index // columns) * height))
-    return sheet
+def _draw_panel(ax, panel: Panel) -> list:
+    """The panel on `ax`; returns its point labels, to be moved apart once the layout is final."""
+    ax.set_xlabel(panel.x_label)
+    ax.set_ylabel(panel.y_label)
+    if panel.title:
+        ax.set_title(panel.title, fontsize=11)
+    if not any(_finite(p) for s in panel.series for p in s.points):
+        ax.text(0.5, 0.5, "nothing logged", transform=ax.transAxes, ha="center", va="center")
+        return []
+    texts = []
+    for index, series in enumerate(panel.series):
+        texts += _draw_series(ax, series, [c / 255 for c in COLOURS[index % len(COLOURS)]])
+    ax.grid(alpha=0.3)
+    if panel.legend and ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=8)
+    return texts
+
+
+def _separate_labels(ax, panel: Panel, texts: list) -> None:
+    """Labels moved off each other, off the points and off the legend (adjustText), joined to their points."""
+    points = [p for s in panel.series for p in s.points if _finite(p)]
+    legend = [ax.get_legend()] if ax.get_legend() else []
+    adjust_text(texts, x=[p.x for p in points], y=[p.y for p in points], objects=legend or None, ax=ax,
+                expand=(1.2, 1.4), arrowprops=dict(arrowstyle="-", color="grey", linewidth=0.5))
+
+
+def figure(panels: list[Panel], columns: int | None = None, panel_size: tuple[int, int] = (720, 520)) -> Figure:
+    """Panels in a grid `columns` wide (default: one row), each `panel_size` pixels."""
+    columns = columns or len(panels)
+    rows = math.ceil(len(panels) / columns)
+    width, height = panel_size
+    fig = Figure(figsize=(width * columns / DPI, height * rows / DPI), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(rows, columns, index + 1) for index in range(rows * columns)]
+    labels = [_draw_panel(ax, panel) for ax, panel in zip(axes, panels)]
+    for ax in axes[len(panels):]:  # an empty cell of the grid stays blank
+        ax.set_axis_off()
+    fig.canvas.draw()  # the layout, final before labels are placed in display space
+    fig.set_layout_engine("none")  # and kept so: saving must not move the axes under the placed labels
+    for ax, panel, texts in zip(axes, panels, labels):
+        if texts:
+            _separate_labels(ax, panel, texts)
+    fig.canvas.draw()
+    return fig
+
+
+def save_png(fig: Figure, path: str) -> None:
+    """An RGB PNG (a chart has no use for matplotlib's alpha channel) at exactly the figure's pixel size,
+    written in place atomically."""
+    fig.canvas.draw()
+    image = Image.frombuffer("RGBA", fig.canvas.get_width_height(), fig.canvas.buffer_rgba()).convert("RGB")
+    utils.write_atomic_file(path, lambda tmp: image.save(tmp, format="PNG"))

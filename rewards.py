@@ -8,8 +8,10 @@ Rewards and where their weights come from (override any with `--reward-source NA
 - pickscore: transformers CLIPModel `yuvalkirstain/PickScore_v1`, processor of the LAION ViT-H-14;
   score = logit_scale.exp() * cosine(image, text).
 - clip_l14, clip_h14: CLIP score of `openai/clip-vit-large-patch14` / the LAION ViT-H-14, same formula.
-  For these three, PATH is a folder as `save_pretrained` writes it; its preprocessor_config.json and
-  tokenizer files are used when present, otherwise those of the hub processor (PROCESSOR_IDS).
+  For these three, PATH is a folder as `save_pretrained` writes it; its processor (preprocessor_config.json
+  or processor_config.json, and the tokenizer files) is used, or with neither, the hub processor
+  (PROCESSOR_IDS), said in a line; a folder with only one of the two is refused. Text is tokenized to
+  the text model's max_position_embeddings (77 for CLIP), whatever the tokenizer records.
 - hpsv2, hpsv21: open_clip ViT-H-14 with the HPSv2 / HPSv2.1 state dict; score = cosine.
   PATH is the .pt file.
 - aesthetic: LAION improved-aesthetic-predictor MLP on the L2-normalised OpenAI CLIP ViT-L/14 image
@@ -319,17 +321,26 @@ class ClipPreprocess(nn.Module):
         return clip_preprocess(images, self.shortest_edge, self.crop, self.mean, self.std)
 
 
-def _load_clip(name: str, source: str, dtype, gradient_checkpointing: bool):
-    """(CLIPModel, processor) from a hub id or a `save_pretrained` folder."""
-    from transformers import CLIPModel, CLIPProcessor
+# What CLIPProcessor.save_pretrained writes, then and now: the image-processor settings in
+# preprocessor_config.json (older transformers) or inside processor_config.json (transformers 5), and the
+# tokenizer as tokenizer.json (fast) or vocab.json + merges.txt (slow).
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+def _load_clip(name: str, source: str, gradient_checkpointing: bool):
+    """(CLIPModel in float32, processor) from a hub id or a `save_pretrained` folder."""
+    from transformers import CLIPModel
 
     path = _check_local(name, source)
-    has_processor = os.path.isfile(os.path.join(path, "preprocessor_config.json"))
-    processor_source = path if has_processor else PROCESSOR_IDS[name]
+    # A folder's processor first, so that what it lacks is told before loading anything; a hub id's model first,
+    # so that a missing one is the one named.
+    processor = _clip_processor(name, source, path) if os.path.isdir(path) else None
     with _hub_errors_as_usage_errors(name, source):
-        model = CLIPModel.from_pretrained(path, dtype=dtype, local_files_only=_cache_only(path))
-    with _hub_errors_as_usage_errors(name, processor_source):
-        processor = CLIPProcessor.from_pretrained(processor_source, local_files_only=_cache_only(processor_source))
+        # In float32, cast by the caller: ClipScore reads the logit scale first, which bf16 would round.
+        model = CLIPModel.from_pretrained(path, dtype=torch.float32, local_files_only=_cache_only(path))
+    if processor is None:
+        processor = _clip_processor(name, source, path)
     return checkpointed_clip(model, gradient_checkpointing), processor
 
 
@@ -340,14 +351,52 @@ def checkpointed_clip(model, gradient_checkpointing: bool):
     return model
 
 
+def _clip_processor(name: str, source: str, path: str):
+    """The processor a folder holds (tokenizer and image processor, in any layout save_pretrained writes),
+    or with neither, the hub processor of PROCESSOR_IDS, said in a line; half of one is refused."""
+    from transformers import CLIPProcessor
+
+    def holds(files):
+        return any(os.path.isfile(os.path.join(path, file)) for file in files)
+
+    parts = {"image-processor config (preprocessor_config.json or processor_config.json)": holds(IMAGE_PROCESSOR_FILES),
+             "tokenizer (tokenizer.json, or vocab.json and merges.txt)": holds(TOKENIZER_FILES)}
+    if all(parts.values()):
+        with _hub_errors_as_usage_errors(name, source):
+            return CLIPProcessor.from_pretrained(path, local_files_only=True)
+    fallback = PROCESSOR_IDS[name]
+    if os.path.isdir(path):
+        missing = [part for part, held in parts.items() if not held]
+        if len(missing) == 1:
+            raise UsageError(f"cannot load reward {name!r} from {source!r}: the folder holds no {missing[0]}; save the "
+                             "model's CLIPProcessor into it (save_pretrained)")
+        try:
+            processor = CLIPProcessor.from_pretrained(fallback, local_files_only=_cache_only(fallback))
+        except OSError:
+            raise UsageError(f"cannot load reward {name!r} from {source!r}: the folder holds no tokenizer nor "
+                             f"image-processor config, and {fallback}'s, which would stand in, is neither cached nor "
+                             "reachable; save the model's CLIPProcessor into the folder (save_pretrained)") from None
+        utils.print0(f"reward {name}: {source} holds no processor; using that of {fallback}")
+        return processor
+    with _hub_errors_as_usage_errors(name, fallback):
+        return CLIPProcessor.from_pretrained(fallback, local_files_only=_cache_only(fallback))
+
+
 class ClipScore(nn.Module):
-    """logit_scale.exp() * cosine(image embedding, text embedding) of a transformers CLIPModel."""
+    """logit_scale.exp() * cosine(image embedding, text embedding) of a transformers CLIPModel, the scale
+    and the product in float32 whatever the model's dtype: bf16 holds PickScore's logit scale 4.6052 as
+    4.5938, whose exp is 99 where metrics (in float32) have 100."""
 
     def __init__(self, model, processor):
         super().__init__()
+        # A plain float, which casting the module leaves alone: build with the model in float32, then cast.
+        self.scale = model.logit_scale.detach().double().exp().item()
         self.model = model
         self.tokenizer = processor.tokenizer
         self.preprocess = ClipPreprocess(processor.image_processor)
+        # CLIP's 77 positions (the tiny test models' fewer), from the model itself: a tokenizer saved without
+        # model_max_length reports 1e30, and padding to that would never end.
+        self.max_tokens = model.config.text_config.max_position_embeddings
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         image_embeddings = _clip_image_embeddings(self.model, self.preprocess, images)
@@ -356,22 +405,21 @@ class ClipScore(nn.Module):
                 prompts,
                 padding="max_length",
                 truncation=True,
-                max_length=self.tokenizer.model_max_length,
+                max_length=self.max_tokens,
                 return_tensors="pt",
             ).to(images.device)
-            text_embeddings = F.normalize(self.model.get_text_features(**tokens).pooler_output, dim=-1)
-        cosine = (image_embeddings * text_embeddings).sum(-1)
-        return (self.model.logit_scale.exp() * cosine).float()
+            text_embeddings = F.normalize(self.model.get_text_features(**tokens).pooler_output.float(), dim=-1)
+        return self.scale * (image_embeddings * text_embeddings).sum(-1)
 
 
 def _clip_image_embeddings(model, preprocess: ClipPreprocess, images: torch.Tensor) -> torch.Tensor:
-    """L2-normalised projected image embeddings; preprocessing runs in float32 for accuracy."""
+    """L2-normalised projected image embeddings, in float32; preprocessing runs in float32 for accuracy."""
     pixel_values = preprocess(images.float()).to(model.dtype)
-    return F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+    return F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output.float(), dim=-1)
 
 
 def _load_clip_score(name: str, source: str, dtype, gradient_checkpointing: bool) -> ClipScore:
-    return ClipScore(*_load_clip(name, source, dtype, gradient_checkpointing))
+    return ClipScore(*_load_clip(name, source, gradient_checkpointing)).to(dtype)
 
 
 # ---- LAION aesthetic predictor --------------------------------------------------------------------
@@ -409,7 +457,7 @@ class AestheticScore(nn.Module):
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         embeddings = _clip_image_embeddings(self.model, self.preprocess, images)
-        return self.mlp(embeddings).float()
+        return self.mlp(embeddings.to(self.mlp.layers[0].weight.dtype)).float()
 
 
 def _load_aesthetic(name: str, source: str, dtype, gradient_checkpointing: bool) -> AestheticScore:
@@ -420,11 +468,11 @@ def _load_aesthetic(name: str, source: str, dtype, gradient_checkpointing: bool)
             raise _cannot_load(name, source, f"the folder has no {AESTHETIC_WEIGHTS_FILE}")
     else:
         weights_file, backbone = _fetch_file(name, source), OPENAI_VIT_L14
-    model, processor = _load_clip(name, backbone, dtype, gradient_checkpointing)
+    model, processor = _load_clip(name, backbone, gradient_checkpointing)
     state_dict = torch.load(weights_file, map_location="cpu", weights_only=True)
     mlp = AestheticMLP(state_dict["layers.0.weight"].shape[1])
     mlp.load_state_dict(state_dict)
-    return AestheticScore(model, processor, mlp.to(dtype))
+    return AestheticScore(model.to(dtype), processor, mlp.to(dtype))
 
 
 # ---- HPSv2 / HPSv2.1 (open_clip) ------------------------------------------------------------------
@@ -615,35 +663,42 @@ def _load_imagereward(name: str, source: str, dtype, gradient_checkpointing: boo
 # makes of one user turn with an image and a text, plus the assistant header.
 QWEN_CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
              "<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n")
-# FDFO's training reward resizes every image to 504 x 504, bilinear (fdfo/rewards.py); that is also the
-# grid (18 x 28) the processor's own smart resize picks for the 512 px images FDFO evaluates.
-VLM_IMAGE_SIZE = 504
 VLM_ANSWERS = ("Yes", "No")
 
 
-def resize_for_qwen_vl(images: torch.Tensor) -> torch.Tensor:
-    """FDFO's resize: any size to 504 x 504, bilinear, in float32."""
-    return F.interpolate(images.float(), size=(VLM_IMAGE_SIZE,) * 2, mode="bilinear", align_corners=False)
+def qwen_vl_size(height: int, width: int, image_processor) -> tuple[int, int]:
+    """The size Qwen2VLImageProcessor resizes an image of this size to: its smart_resize with its own patch,
+    merge and pixel-count settings (512 px -> 504, 1024 px -> 1036 with the 7B judge's)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    return smart_resize(height, width, factor=image_processor.patch_size * image_processor.merge_size,
+                        min_pixels=image_processor.size["shortest_edge"], max_pixels=image_processor.size["longest_edge"])
+
+
+def resize_for_qwen_vl(images: torch.Tensor, image_processor) -> torch.Tensor:
+    """Float images to the processor's own size for their resolution, bicubic and antialiased as its resize, in
+    float32: the processor's resize, differentiable."""
+    return _resize_bicubic(images.float(), qwen_vl_size(*images.shape[-2:], image_processor))
 
 
 def qwen_vl_pixel_values(images: torch.Tensor, image_processor) -> torch.Tensor:
-    """Qwen2VLImageProcessor's `pixel_values` for float images [B, 3, 504, 504] in [0, 1], in torch:
-    mean/std, then its patch layout, [B * grid * grid, C * frames * patch * patch]."""
+    """Qwen2VLImageProcessor's `pixel_values` for float images [B, 3, H, W] in [0, 1] already at its size, in
+    torch: mean/std, then its patch layout, [B * grid_h * grid_w, C * frames * patch * patch]."""
     patch, merge, frames = image_processor.patch_size, image_processor.merge_size, image_processor.temporal_patch_size
     images = _normalize(images, image_processor.image_mean, image_processor.image_std)
-    batch, channels, size = images.shape[:3]
-    blocks = size // (patch * merge)
-    patches = images.reshape(batch, channels, blocks, merge, patch, blocks, merge, patch)
+    batch, channels, height, width = images.shape
+    rows, columns = height // (patch * merge), width // (patch * merge)
+    patches = images.reshape(batch, channels, rows, merge, patch, columns, merge, patch)
     # Patches go block by block, the merge x merge neighbours that the patch merger fuses next to each other;
     # each is flattened channel-major over `frames` copies of itself (a still image is a clip of equal frames).
     patches = patches.permute(0, 2, 5, 3, 6, 1, 4, 7).unsqueeze(6)
     patches = patches.expand(-1, -1, -1, -1, -1, -1, frames, -1, -1)
-    return patches.reshape(batch * (blocks * merge) ** 2, channels * frames * patch * patch)
+    return patches.reshape(batch * rows * columns * merge**2, channels * frames * patch * patch)
 
 
 class QwenJudge(nn.Module):
     """A Qwen2.5-VL model answering a yes/no question about each image: 100 * sigmoid(logit Yes - logit No)
-    at the last position, differentiable w.r.t. the images."""
+    at the last position; differentiable w.r.t. the images as a reward, FDFO's evaluation as a metric."""
 
     def __init__(self, model, processor, answer_ids: tuple[int, int]):
         super().__init__()
@@ -652,16 +707,29 @@ class QwenJudge(nn.Module):
         self.answer_ids = list(answer_ids)
 
     def forward(self, images: torch.Tensor, questions: list[str]) -> torch.Tensor:
-        resized = resize_for_qwen_vl(images)
+        """The reward: the processor's resize done in torch on the float images, so that gradients reach them."""
+        resized = resize_for_qwen_vl(images, self.processor.image_processor)
         with torch.no_grad():
-            # FDFO's processor call: its token ids, masks and image grid; its pixel values carry no graph, so
-            # ours replace them.
+            # The processor's token ids, masks and image grid; its pixel values carry no graph, so ours replace them.
             inputs = self.processor(text=[QWEN_CHAT.format(question) for question in questions], images=resized.detach(),
                                     padding=True, images_kwargs={"do_rescale": False, "do_resize": False},
                                     return_tensors="pt").to(images.device)
-        pixel_values = qwen_vl_pixel_values(resized, self.processor.image_processor).to(self.model.dtype)
+        pixel_values = qwen_vl_pixel_values(resized, self.processor.image_processor)
+        return self._score(inputs, pixel_values)
+
+    @torch.no_grad()
+    def published_scores(self, images: torch.Tensor, questions: list[str]) -> torch.Tensor:
+        """The metric, as FDFO's evaluation computes it (eval/models.py, VLM.calc_yes_no_scores on run_pipe's
+        uint8 images): the 8-bit images through the processor, which resizes them itself."""
+        pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        inputs = self.processor(text=[QWEN_CHAT.format(question) for question in questions], images=pixels,
+                                padding=True, return_tensors="pt").to(images.device)
+        return self._score(inputs, inputs["pixel_values"])
+
+    def _score(self, inputs, pixel_values: torch.Tensor) -> torch.Tensor:
         # Left padding puts every row's last token at the end.
-        hidden = self.model.model(**{**inputs, "pixel_values": pixel_values}, use_cache=False).last_hidden_state[:, -1]
+        inputs = {**inputs, "pixel_values": pixel_values.to(self.model.dtype)}
+        hidden = self.model.model(**inputs, use_cache=False).last_hidden_state[:, -1]
         return torch.sigmoid(self._yes_minus_no(hidden)) * 100
 
     def _yes_minus_no(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -683,7 +751,14 @@ class VLMScore(nn.Module):
         self.question = question
 
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return self.judge(images, [self.question.format(prompt=prompt) for prompt in prompts])
+        return self.judge(images, self.questions(prompts))
+
+    def published_scores(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """As FDFO's evaluation scores them: metrics.py's path (QwenJudge.published_scores)."""
+        return self.judge.published_scores(images, self.questions(prompts))
+
+    def questions(self, prompts: list[str]) -> list[str]:
+        return [self.question.format(prompt=prompt) for prompt in prompts]
 
 
 # Judges loaded in this process, kept while a reward uses one: vlm_alignment, vlm_quality and vlm_photo

@@ -29,14 +29,15 @@ from training import TrainConfig
 
 # The demo world's settings: its 32 px model, its aesthetic head as the reward, its training prompts, a
 # LoRA small and fast enough that the reward visibly rises within a few CPU minutes, and the gold evaluator
-# on held-out prompts and seeds beside it, so that reward hacking shows in curves.png as it happens.
+# on held-out prompts and seeds beside it, so that reward hacking shows in curves.png as it happens. One
+# torch thread: on a laptop's few cores, more threads spin against any other busy process (docs/demo.md).
 PRESETS = {
     "demo": dict(model=demo_world.DEMO_SD, reward="aesthetic", reward_source=demo_world.AESTHETIC_SOURCE,
                  prompts="demo", resolution=32, **demo_world.SAMPLING, lora_rank=8, lora_alpha=8.0,
                  lr=3e-3, batch_size=4, steps=100, save_every=50, val_every=25, val_prompts=6, run_dir="runs/demo",
                  val_metrics=("gold_aesthetic", "gold_fidelity", "gold_shape", "gold_diversity"),
                  val_metrics_prompts=demo_world.EVAL_PROMPTS, val_metrics_num_prompts=6, val_metrics_repeats=2,
-                 val_metrics_seed=demo_world.EVALUATION["seed"]),
+                 val_metrics_seed=demo_world.EVALUATION["seed"], threads=1),
 }
 
 
@@ -58,6 +59,8 @@ def hold_run_dir(cfg: TrainConfig, dist: utils.Dist):
 def main(cfg: TrainConfig) -> None:
     training.validate(cfg)
     dist = utils.init_distributed(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     cfg = training.check_same_run(cfg, dist.world_size)
     if (warning := training.memory_warning(cfg)) and dist.is_main:
         print(warning, file=sys.stderr, flush=True)

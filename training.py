@@ -3,10 +3,12 @@ loop that train.py runs (bench.py builds its trainers from here too)."""
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import random
+import shlex
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -61,7 +63,8 @@ class TrainConfig(SamplerOptions, TextEncoderOptions, DeviceOption, RewardSource
     fsdp: bool = False
     # with --fsdp: also write a consolidated unet/ (SD3: transformer/) folder every this many steps (0: the final one only)
     export_every: int = 0
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # autocast dtype; auto = bf16 on GPU, none on CPU
+    # autocast dtype of the denoiser's calls (text encoders, VAE and rewards run outside it); auto = bf16 on GPU, none on CPU
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     # recompute the UNet (SD3: transformer), VAE decoder and reward tower in backward to save memory: the
     # denoiser's blocks, and with K > 1 each graph call too (its blocks nested inside: one more forward per graph step)
     gradient_checkpointing: bool = False
@@ -89,6 +92,9 @@ class TrainConfig(SamplerOptions, TextEncoderOptions, DeviceOption, RewardSource
     log_every: int = 1  # print a status line every this many steps
     max_bad_steps: int = 5  # stop after this many bad steps in a row (non-finite loss, or fp16 loss scale below 1)
     wandb: bool = False  # also log to Weights & Biases
+    # torch CPU threads of each process (0: torch's default, one per core); fewer keep a CPU run from
+    # spinning against other busy processes on the same cores
+    threads: int = 0
     wandb_project: str = "draftp"  # wandb project name
 
 
@@ -98,7 +104,7 @@ def validate(cfg: TrainConfig) -> None:
                                lora_rank=cfg.lora_rank, save_every=cfg.save_every, log_every=cfg.log_every,
                                max_bad_steps=cfg.max_bad_steps, val_prompts=cfg.val_prompts)
     generation.validate_shared_options(cfg)
-    for name in ("val_every", "warmup_steps", "lv_samples", "export_every"):
+    for name in ("val_every", "warmup_steps", "lv_samples", "export_every", "threads"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"{utils.flag(name)} must be >= 0, got {getattr(cfg, name)}")
     low, high = cfg.truncation_range or (cfg.truncation_steps, cfg.truncation_steps)
@@ -134,6 +140,8 @@ def validate(cfg: TrainConfig) -> None:
     prompt_sets.load_prompts(cfg.prompts)
     if cfg.val_metrics and cfg.val_every:
         validate_val_metrics(cfg)
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise UsageError("--wandb needs the wandb package: pip install wandb (or train without --wandb)")
 
 
 def validate_val_metrics(cfg: TrainConfig) -> None:
@@ -265,7 +273,6 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     stream: PromptStream
-    amp: torch.dtype | None
     sharded: bool = False  # the UNet and its base copy are FSDP-sharded over the processes
     # --ema-decay: the moving average of the trainable weights, one fp32 tensor per parameter, in their order
     ema: list[torch.Tensor] | None = None
@@ -277,9 +284,6 @@ class Trainer:
         sharded (each call then needs them all)."""
         return self.dist.is_main or self.sharded
 
-    def autocast(self):
-        return torch.autocast(self.dist.device.type, dtype=self.amp, enabled=self.amp is not None)
-
     @property
     def computes_kl(self) -> bool:
         return self.cfg.kl_coeff > 0 or self.cfg.log_kl
@@ -290,7 +294,8 @@ class Trainer:
         cfg = self.cfg
         settings = generation.SamplerSettings(self.resolution, cfg.inference_steps, cfg.guidance_scale, cfg.eta,
                                               cfg.sigmas)
-        # Latents stay fp32 under autocast: the scheduler arithmetic is then that of fp32 sampling.
+        # Latents stay fp32, and only the denoiser's calls are autocast (model.autocast): the scheduler
+        # arithmetic is that of fp32 sampling.
         return generation.generate(self.model, prompts, seeds, settings, truncation_steps=truncation,
                                    with_kl=self.computes_kl and not base_only, base_only=base_only,
                                    lv_samples=lv_samples, checkpoint_denoiser=denoiser_checkpointing(cfg).per_call)
@@ -312,9 +317,8 @@ class Trainer:
             batch_prompts = [self.stream.prompt(p) for p in positions]
             seeds = [self.stream.noise_seed(p) for p in positions]
             truncation = truncation_for(cfg, positions[0])
-            with self.autocast():
-                images, kl = self.rollout(batch_prompts, seeds, truncation, cfg.lv_samples)
-                score = self.reward(images, batch_prompts * max(1, cfg.lv_samples))
+            images, kl = self.rollout(batch_prompts, seeds, truncation, cfg.lv_samples)
+            score = self.reward(images, batch_prompts * max(1, cfg.lv_samples))
             loss = -score.float().mean()
             if cfg.kl_coeff > 0:
                 loss = loss + cfg.kl_coeff * kl.float()
@@ -390,20 +394,18 @@ class Trainer:
     def validation_grid(self, step: int, val_prompts: list[str]):
         """Base and tuned side by side on the same noise, each captioned with its reward; rank 0 writes it."""
         seeds = [utils.derive_seed(self.cfg.seed, 3, i) for i in range(len(val_prompts))]
-        with self.autocast():
-            base_images, _ = self.rollout(val_prompts, seeds, 0, base_only=True)
-            with self.validation_weights():
-                tuned_images, _ = self.rollout(val_prompts, seeds, 0)
-            base_scores = self.reward(base_images, val_prompts).float()
-            tuned_scores = self.reward(tuned_images, val_prompts).float()
+        base_images, _ = self.rollout(val_prompts, seeds, 0, base_only=True)
+        with self.validation_weights():
+            tuned_images, _ = self.rollout(val_prompts, seeds, 0)
+        base_scores = self.reward(base_images, val_prompts).float()
+        tuned_scores = self.reward(tuned_images, val_prompts).float()
         rows = [list(pair) for pair in zip(utils.to_pil(base_images), utils.to_pil(tuned_images))]
         captions = [[f"base {b:.3g}\n{prompt}", f"tuned {t:.3g}"]
                     for prompt, b, t in zip(val_prompts, base_scores.tolist(), tuned_scores.tolist())]
         if self.dist.is_main:
             grid = utils.image_grid(rows, captions, header=["base", f"step {step}"])
-            folder = os.path.join(self.cfg.run_dir, "val")
-            os.makedirs(folder, exist_ok=True)
-            path = os.path.join(folder, f"step-{step:07d}.png")
+            path = validation_grid_path(self.cfg.run_dir, step)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             utils.write_atomic_file(path, lambda tmp: grid.save(tmp, format="PNG"))
         return {"val_reward_base": base_scores.mean().item(), "val_reward_tuned": tuned_scores.mean().item()}
 
@@ -421,7 +423,7 @@ class Trainer:
             return evaluation.rendered_as_saved(self.model, one_set, batch, settings, cfg.val_metrics_seed)
 
         alone = utils.Dist(0, 1, 0, self.dist.device)  # each validating process measures every prompt
-        with self.autocast(), self.validation_weights():
+        with self.validation_weights():
             records = evaluation.score_share([image_set], self.val_scorers, images_of, cfg.batch_size, alone,
                                              show_bar=False)
         results = evaluation.summarize([image_set], list(self.val_scorers), records)["draft"]["metrics"]
@@ -474,7 +476,67 @@ def run_record(cfg: TrainConfig, world_size: int) -> dict:
     return {**asdict(cfg), "world_size": world_size}
 
 
-def save_checkpoint(trainer: Trainer, step: int, export: bool) -> str:
+# What a model card lists of a run's settings, in this order.
+CARD_SETTINGS = ("reward", "prompts", "truncation_steps", "truncation_range", "lv_samples", "kl_coeff",
+                 "inference_steps", "guidance_scale", "scheduler", "eta", "resolution", "batch_size", "grad_accum",
+                 "lr", "steps", "lora_rank", "lora_alpha", "full_finetune", "ema_decay", "seed")
+
+
+def training_command(world_size: int) -> str:
+    launcher = f"torchrun --nproc_per_node={world_size} train.py" if world_size > 1 else "python train.py"
+    return " ".join([launcher, *map(shlex.quote, sys.argv[1:])])
+
+
+def model_card(cfg: TrainConfig, world_size: int, step: int, metrics: dict, ema: bool = False):
+    """The Hub's model card of a checkpoint folder, in the format of diffusers' own training scripts:
+    the YAML metadata of `load_or_create_model_card(from_training=True)` from diffusers' template, and
+    their tags through `populate_model_card`. The template is filled in directly rather than through
+    load_or_create_model_card, which first looks the card up on the Hub by repo id: a local folder has
+    none, offline it cannot look, and online a repo of the same name would lend us its card."""
+    from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base_model = None if os.path.isdir(cfg.model) else cfg.model  # a local folder is no Hub id
+    kind = "full fine-tune" if cfg.full_finetune else "LoRA"
+    usage = ("pipe.load_lora_weights(\"PATH_OR_HUB_ID_OF_THIS_FOLDER\")"
+             if not cfg.full_finetune else "# load the tuned denoiser folder of this checkpoint into the pipeline")
+    settings = "\n".join(f"| `{utils.flag(name)}` | `{getattr(cfg, name)}` |" for name in CARD_SETTINGS)
+    logged = "\n".join(f"| `{name}` | {value:.6g} |" for name, value in metrics.items()
+                        if isinstance(value, (int, float)) and not isinstance(value, bool))
+    description = f"""# DRaFT+ {kind} of {cfg.model}, step {step}{" (exponential moving average)" if ema else ""}
+
+Reward fine-tuning by back-propagation through the last {cfg.truncation_steps} sampler step(s) with a KL
+penalty to the base model (DRaFT+), against the reward `{cfg.reward}`, trained with draftp:
+
+```
+{training_command(world_size)}
+```
+
+| setting | value |
+| --- | --- |
+{settings}
+| processes | `{world_size}` |
+
+Logged at step {step} (`log.jsonl` of the run has every step):
+
+| metric | value |
+| --- | --- |
+{logged}
+
+```python
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained("{cfg.model}")
+{usage}
+```"""
+    card = ModelCard.from_template(
+        card_data=ModelCardData(library_name="diffusers", base_model=base_model, inference=True),
+        template_path=MODEL_CARD_TEMPLATE_PATH, model_description=description)
+    tags = ["text-to-image", "diffusers", "diffusers-training", "lora" if not cfg.full_finetune else "full-finetune",
+            "draft", "reward-fine-tuning", *(name.split(":")[0] for name in cfg.reward.split(","))]
+    return populate_model_card(card, tags=tags)
+
+
+def save_checkpoint(trainer: Trainer, step: int, export: bool, metrics: dict | None = None) -> str:
     """Write the tuned weights, optimizer, RNG and data position, and the config, atomically: into a
     temporary folder renamed into place, so a killed save leaves nothing a resume would read.
 
@@ -502,12 +564,15 @@ def save_checkpoint(trainer: Trainer, step: int, export: bool) -> str:
         if trainer.ema is not None:  # in the same formats, so stock loaders read it as they read the raw ones
             with trainer.ema_weights():
                 models.save_tuned(trainer.model, os.path.join(tmp, models.EMA_DIR))
+            model_card(cfg, trainer.dist.world_size, step, metrics or {}, ema=True).save(
+                os.path.join(tmp, models.EMA_DIR, "README.md"))
     if trainer.dist.is_main:
         optimizer = {} if cfg.fsdp else {"optimizer": trainer.optimizer.state_dict()}
         torch.save({**optimizer, "scaler": trainer.scaler.state_dict(), "rng": torch.get_rng_state()},
                    os.path.join(tmp, "trainer_state.pt"))
         utils.save_json(os.path.join(tmp, "state.json"), {"step": step, "rank_fingerprints": fingerprints})
         utils.save_json(os.path.join(tmp, "config.json"), run_record(cfg, trainer.dist.world_size))
+        model_card(cfg, trainer.dist.world_size, step, metrics or {}).save(os.path.join(tmp, "README.md"))
         if os.path.exists(folder):
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -635,7 +700,7 @@ def reported_as_damage(folder: str):
 # Flags whose default depends on the model family: None until the family is read from the model folder.
 FAMILY_DEFAULTED = (*dict.fromkeys(flag for family in families.FAMILIES for flag in family.defaults), "resolution")
 # Fields a resume may change: they shape neither the weights nor the data order.
-MUTABLE_ON_RESUME = {"steps", "save_every", "val_every", "log_every", "wandb", "wandb_project", "device",
+MUTABLE_ON_RESUME = {"steps", "save_every", "val_every", "log_every", "wandb", "wandb_project", "device", "threads",
                      "offload_text_encoders", "export_every", "run_dir",  # a run dir may be moved or copied
                      "require_run_dir_lock",
                      "val_metrics", "val_metrics_prompts", "val_metrics_num_prompts", "val_metrics_repeats",
@@ -723,6 +788,7 @@ def build(cfg: TrainConfig, dist: utils.Dist, load_model=models.load_model, load
                        denoiser_dtype=torch.float32 if cfg.full_finetune else None)
     generation.checked_resolution(model, cfg.resolution)
     sharded = cfg.fsdp and dist.world_size > 1
+    model.autocast = amp
     if cfg.full_finetune:
         units, shard_base = (model.family.shard_units(model.denoiser), sharding(None)) if sharded else ((), None)
         models.enable_full_finetune(model, weights_dtype, units, shard_base)
@@ -734,14 +800,16 @@ def build(cfg: TrainConfig, dist: utils.Dist, load_model=models.load_model, load
         model.denoiser.enable_gradient_checkpointing()
     if sharded:
         shard(model, sharding(amp))
-    reward = load_reward(cfg.reward, rewards.parse_reward_sources(cfg.reward_source), dtype=weights_dtype,
+    # Rewards run outside autocast in their own dtype: bf16 has fp32's range, fp16 would overflow in their towers.
+    reward_dtype = torch.bfloat16 if amp == torch.bfloat16 else torch.float32
+    reward = load_reward(cfg.reward, rewards.parse_reward_sources(cfg.reward_source), dtype=reward_dtype,
                          device=dist.device, gradient_checkpointing=cfg.gradient_checkpointing)
     params = models.trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp == torch.float16)
     stream = PromptStream(prompt_sets.load_prompts(cfg.prompts), cfg.seed)
     ema = new_ema(params) if cfg.ema_decay is not None else None
-    trainer = Trainer(cfg, dist, model, reward, optimizer, scaler, stream, amp, sharded, ema)
+    trainer = Trainer(cfg, dist, model, reward, optimizer, scaler, stream, sharded, ema)
     if cfg.val_metrics and cfg.val_every and trainer.validates:
         setup = evaluation.MetricSetup(dist.device, rewards.parse_reward_sources(cfg.reward_source),
                                        dreamsim_cache="~/.cache/dreamsim")
@@ -750,18 +818,31 @@ def build(cfg: TrainConfig, dist: utils.Dist, load_model=models.load_model, load
     return trainer
 
 
+WANDB_RUN = "wandb-run.json"  # in the run dir: the id of its wandb run, so that a resume continues that run
+
+
 def start_wandb(cfg: TrainConfig, start: int):
-    """A wandb run of its own per run dir; a resume rewinds it to the checkpoint's step, so the steps run
-    again replace those logged after it instead of being dropped as already seen."""
-    try:
-        import wandb
-    except ImportError:
-        raise UsageError("--wandb needs the wandb package: pip install wandb") from None
-    run_id = format(utils.derive_seed(*map(ord, os.path.abspath(cfg.run_dir))), "x")
+    """A wandb run of its own per run dir, its id kept in the run dir (which may move). A resume rewinds
+    that run to the checkpoint's step (wandb's `resume_from`), so the steps run again replace those logged
+    after it, as in log.jsonl; a start from step 0 begins a new run."""
+    import wandb
+
+    path = os.path.join(cfg.run_dir, WANDB_RUN)
     common = dict(project=cfg.wandb_project, config=asdict(cfg), dir=cfg.run_dir)
-    if start == 0:
-        return wandb.init(id=run_id, resume="allow", **common)
-    return wandb.init(resume_from=f"{run_id}?_step={start}", **common)
+    if start > 0 and os.path.exists(path):
+        with open(path) as f:
+            run_id = json.load(f)["id"]
+        return wandb.init(resume_from=f"{run_id}?_step={start}", **common)
+    run = wandb.init(**common)
+    utils.save_json(path, {"id": run.id, "project": cfg.wandb_project})
+    return run
+
+
+def log_to_wandb(run, record: dict, step: int, images: dict[str, str]) -> None:
+    """One history row per step: its scalars and the images (name -> PNG path) drawn at it."""
+    import wandb
+
+    run.log({**record, **{name: wandb.Image(path) for name, path in images.items()}}, step=step)
 
 
 def status_line(step: int, total: int, record: dict) -> str:
@@ -783,16 +864,34 @@ def spread(items: list, count: int) -> list:
 CURVES = (("reward_mean", "training reward"), ("kl", "KL"), ("grad_norm", "gradient norm"))
 
 
-def write_curves(records: list[dict], path: str) -> None:
-    """The training reward, KL and gradient norm, and each val/<name>, against step: one chart each."""
-    names = [*CURVES, *((key, key) for key in dict.fromkeys(k for r in records for k in r if k.startswith("val/")))]
-    charts = []
-    for key, title in names:
+def curves_figure(records: list[dict]):
+    """The training reward, KL and gradient norm against step, each a noisy per-step value drawn faint under
+    its moving average; and each val/<name>, measured every --val-every steps, as markers. One panel each."""
+    panels = []
+    for key, title in CURVES:
         points = [plots.Point(r["step"], r[key]) for r in records if r.get(key) is not None]
-        charts.append(plots.chart([plots.Series("", points, joined=True, labelled=False)], "step", key, title,
-                                  size=(480, 320)))
-    sheet = plots.side_by_side(charts, columns=3)
-    utils.write_atomic_file(path, lambda tmp: sheet.save(tmp, format="PNG"))
+        series = plots.Series(title, points, smoothing=plots.smoothing_weight(len(points)))
+        panels.append(plots.Panel([series], "step", key, title))
+    for key in dict.fromkeys(k for r in records for k in r if k.startswith("val/")):
+        points = [plots.Point(r["step"], r[key]) for r in records if r.get(key) is not None]
+        panels.append(plots.Panel([plots.Series("", points, joined=True, labelled=False)], "step", key, key))
+    return plots.figure(panels, columns=3, panel_size=(480, 320))
+
+
+def latest_metrics(records: list[dict]) -> dict:
+    """Each logged metric's latest value (validation metrics are logged only every --val-every steps)."""
+    latest = {}
+    for record in records:
+        latest.update({key: value for key, value in record.items() if value is not None and key not in ("step", "bad")})
+    return latest
+
+
+def validation_grid_path(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "val", f"step-{step:07d}.png")
+
+
+def write_curves(records: list[dict], path: str) -> None:
+    plots.save_png(curves_figure(records), path)
 
 
 def baseline_val_metrics(trainer: Trainer, log: utils.JsonlLog, run) -> None:
@@ -838,10 +937,14 @@ def run_steps(trainer: Trainer, start: int, log: utils.JsonlLog, run, val_prompt
                 utils.barrier()
             if dist.is_main:
                 log.write(record)
-                if run is not None:
-                    run.log(record, step=done)
+                images = {}
+                if validating and trainer.validates:
+                    images["val/grid"] = validation_grid_path(cfg.run_dir, done)
                 if validating or done == cfg.steps:
-                    write_curves(log.records(), os.path.join(cfg.run_dir, "curves.png"))
+                    images["curves"] = os.path.join(cfg.run_dir, "curves.png")
+                    write_curves(log.records(), images["curves"])
+                if run is not None:
+                    log_to_wandb(run, record, done, images)
                 if done % cfg.log_every == 0 or done == cfg.steps:
                     bar.write(status_line(done, cfg.steps, record))
             bar.update(1)
@@ -849,5 +952,5 @@ def run_steps(trainer: Trainer, start: int, log: utils.JsonlLog, run, val_prompt
             # last step is always saved (a bad step changed no weight).
             if done == cfg.steps or (bad_streak == 0 and done % cfg.save_every == 0):
                 export = done == cfg.steps or bool(cfg.export_every and done % cfg.export_every == 0)
-                saved = save_checkpoint(trainer, done, export)
+                saved = save_checkpoint(trainer, done, export, latest_metrics(log.records()) if dist.is_main else {})
     return saved

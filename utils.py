@@ -74,13 +74,17 @@ class Dist:
         return self.rank == 0
 
 
-def cli_with_presets(config_class, presets: dict[str, dict], description: str, args: list[str] | None = None):
-    """Parse the command line over the defaults of its --preset: a preset only changes defaults, so every
-    flag given still wins. Without --preset the class's own defaults (those of real use) apply."""
+def cli_with_presets(config_class, presets: dict[str, dict], description: str, args: list[str] | None = None,
+                     protocols: dict[str, dict] | None = None):
+    """Parse the command line over the defaults of its --preset, and of its --protocol (of `protocols`)
+    where the config has one: they only change defaults, so every flag given still wins. Without them the
+    class's own defaults (those of real use) apply."""
     cfg = tyro.cli(config_class, args=args, description=description)
-    if cfg.preset not in presets:
+    chosen = {"preset": cfg.preset, **({"protocol": cfg.protocol} if protocols else {})}
+    settings = {**presets.get(cfg.preset, {}), **(protocols or {}).get(chosen.get("protocol"), {})}
+    if not settings:
         return cfg
-    defaults = config_class(preset=cfg.preset, **presets[cfg.preset])
+    defaults = config_class(**chosen, **settings)
     return tyro.cli(config_class, args=args, default=defaults, description=description)
 
 

@@ -1,5 +1,5 @@
 """bench.py end to end at a toy resolution: every figure it promises is printed, positive and finite.
-(The figures themselves are measured at the defaults and reported in the README, not asserted.)"""
+(The figures themselves are measured at the defaults and reported in docs/performance.md, not asserted.)"""
 
 import math
 import os

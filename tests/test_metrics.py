@@ -194,11 +194,13 @@ def test_every_reward_metric_is_that_reward_averaged_over_a_prompts_images(annea
     paths, hps_arch = sources
     for name in names:
         reward = rewards.load_reward(name, {name: paths[name]}, hps_arch=hps_arch)
+        # the VLM judge as FDFO's evaluation scores (its processor resizing the 8-bit images), not as it trains
+        score = reward.rewards[name].published_scores if name in rewards.VLM_QUESTIONS else reward
         scale = evaluation.METRICS[name].scale  # hpsv2 and hpsv21 are written as 100 x the reward
         for row in rows:
             images = folder_images(folder, row["prompt_index"])
             with torch.no_grad():
-                expected = reward(images, [row["prompt"]] * len(images)).double().mean().item()
+                expected = score(images, [row["prompt"]] * len(images)).double().mean().item()
             assert row[name] == pytest.approx(scale * expected, abs=1e-5 * scale), name
         assert scored["statistics"]["conventions"][name]["scale"] == scale
 

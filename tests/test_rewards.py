@@ -4,6 +4,7 @@ Every reward is a tiny random model of the real architecture, written in the rea
 tests/tiny_rewards.py and opened through `rewards.load_reward`, the path real checkpoints take.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -470,3 +471,68 @@ def test_default_sources_offline_and_uncached_fail_in_one_line_naming_the_model(
     for line, name in zip(lines, ["pickscore", "hpsv2", "aesthetic", "imagereward", "vlm_quality"]):
         assert rewards.DEFAULT_SOURCES[name] in line
         assert f"--reward-source {name}=" in line
+
+
+# ---- CLIP folders as save_pretrained writes them ---------------------------------------------------
+
+
+def resaved_clip(clip_folder, folder) -> str:
+    """The tiny CLIP saved again by today's transformers: model, then CLIPProcessor.save_pretrained."""
+    CLIPModel.from_pretrained(clip_folder).save_pretrained(folder)
+    CLIPProcessor.from_pretrained(clip_folder).save_pretrained(folder)
+    return str(folder)
+
+
+def test_clip_folder_saved_by_todays_processor_scores_with_its_own_processor(load_tiny, clip_folder, tmp_path):
+    folder = resaved_clip(clip_folder, tmp_path / "resaved")
+    # transformers 5 writes the image processor into processor_config.json, the tokenizer as tokenizer.json
+    assert not os.path.exists(os.path.join(folder, "preprocessor_config.json"))
+    assert {"processor_config.json", "tokenizer.json"} <= set(os.listdir(folder))
+    reward = rewards.load_reward("pickscore", sources={"pickscore": folder})
+    assert reward.rewards["pickscore"].preprocess.mean == tuple(tiny_rewards.TINY_IMAGE_MEAN)
+    images = as_float(smooth_uint8_images(3, 40, 59, seed=20))
+    with torch.no_grad():
+        assert torch.equal(reward(images, PROMPTS), load_tiny("pickscore")(images, PROMPTS))
+
+
+def test_clip_tokenizer_without_model_max_length_takes_the_models_positions(load_tiny, clip_folder, tmp_path):
+    folder = tmp_path / "no-max-length"
+    shutil.copytree(clip_folder, folder)
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    del config["model_max_length"]
+    config_file.write_text(json.dumps(config))
+    reward = rewards.load_reward("clip_l14", sources={"clip_l14": str(folder)})
+    assert reward.rewards["clip_l14"].tokenizer.model_max_length > 10**20  # transformers' "no limit"
+    images = as_float(smooth_uint8_images(3, 32, 32, seed=21))
+    with torch.no_grad():
+        assert torch.equal(reward(images, PROMPTS), load_tiny("clip_l14")(images, PROMPTS))
+
+
+def scored_image_folder(folder) -> str:
+    """A folder of one image and its prompt, as anneal.py writes them, for metrics.py --images."""
+    folder.mkdir()
+    Image.fromarray(smooth_uint8_images(1, 32, 32)[0].permute(1, 2, 0).numpy()).save(folder / "img_00000_000.png")
+    (folder / "prompt_00000.txt").write_text("a dog\n")
+    return str(folder)
+
+
+@pytest.mark.parametrize("kept,missing", [("tokenizer", "image-processor config"),
+                                          ("model", "tokenizer nor image-processor config")])
+def test_clip_folder_without_its_processor_is_refused_in_one_line(clip_folder, tmp_path, kept, missing):
+    # metrics.py offline, with an empty cache: the hub's processor cannot stand in.
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    keep = {"model": ["config.json", "model.safetensors"],
+            "tokenizer": ["config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json"]}
+    for name in keep[kept]:
+        shutil.copy(os.path.join(clip_folder, name), folder)
+    out = tmp_path / "out" / "m.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hub")}
+    result = subprocess.run([sys.executable, "metrics.py", "--images", scored_image_folder(tmp_path / "images"),
+                             "--metrics", "pickscore", "--reward-source", f"pickscore={folder}", "--out", str(out),
+                             "--device", "cpu"], cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert str(folder) in lines[0] and f"holds no {missing}" in lines[0]
+    assert not out.parent.exists()

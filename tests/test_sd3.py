@@ -570,3 +570,16 @@ def test_a_run_dir_from_before_the_sd3_flags_still_resumes(tiny_sd, tmp_path):
     assert training.check_same_run(cfg, 1) == cfg
     with pytest.raises(utils.UsageError, match="holds a run with no_t5=False, not True"):
         training.check_same_run(training.replace(cfg, no_t5=True), 1)
+
+
+def test_a_dora_adapter_folder_is_refused_in_one_line(tiny_sd3, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    transformer = SD3Transformer2DModel.from_pretrained(tiny_sd3, subfolder="transformer")
+    get_peft_model(transformer, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=PEER_TARGETS)
+                   ).save_pretrained(tmp_path / "dora")
+    out = tmp_path / "grid.png"
+    line = run_generate_expecting_usage_error(["--model", tiny_sd3, "--checkpoint", str(tmp_path / "dora"),
+                                               "--out", str(out)], capsys)
+    assert "use_dora: DoRA adapters are not supported" in line and str(tmp_path / "dora") in line, line
+    assert not out.exists()

@@ -13,10 +13,10 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLImageProcessorPil
 
+import evaluation
 import rewards
 import tiny_rewards
 from conftest import ROOT
@@ -25,7 +25,7 @@ from test_rewards import (as_float, as_pil, assert_bfloat16_weights_give_float32
 
 # FDFO's wording, copied here from its files rather than from rewards.py, so that a change of ours to the
 # questions or the chat format fails (NVlabs/finite-difference-flow-optimization: eval/calculate_metrics.py
-# VLM_QUESTIONS, eval/models.py VLM.CHAT_TEMPLATE; its resize to 504 x 504 is in fdfo/rewards.py).
+# VLM_QUESTIONS, eval/models.py VLM.CHAT_TEMPLATE).
 FDFO_QUESTIONS = {
     "vlm_alignment": 'Does this image match the caption "{prompt}"? Answer with Yes or No.',
     "vlm_quality": "Is this image of professional quality? Answer with Yes or No.",
@@ -33,12 +33,12 @@ FDFO_QUESTIONS = {
 }
 FDFO_CHAT_TEMPLATE = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
                       "<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n<|im_start|>assistant\n")
-FDFO_IMAGE_SIZE = 504
+JUDGE_SIZE = 504  # a size the processor keeps: 18 x 28, its patch (14) times its merge (2)
 
 # Prompts of different lengths, so that left padding is exercised.
 PROMPTS = ["a red cube on a wooden table", "a dog", "an oil painting of a harbour at dawn"]
 
-# Input sizes: the judge's own 504 (no resampling), smaller and larger, non-square both ways.
+# Input sizes the processor resamples: smaller and larger, non-square both ways, and FDFO's 512.
 RESAMPLED_SIZES = [(64, 48), (37, 90), (512, 512)]
 
 # Pixel tolerance in normalised units. Both sides compute (x - mean) / std in float32, the torchvision
@@ -48,6 +48,12 @@ RESAMPLED_SIZES = [(64, 48), (37, 90), (512, 512)]
 # a few ulp at most: 2e-6 is 4 ulp. Measured: at most 2.4e-7, one ulp. A wrong mean/std, patch order or frame
 # layout is off by 1e-2 or more.
 PIXEL_TOLERANCE = 2e-6
+# Where the processor resamples the uint8 image itself and we the float one: both run the antialiased bicubic
+# kernel (a = -0.5); the processors round to uint8 as they resample (PIL after each of its two passes:
+# <= 1.125/255, derived in tests/test_rewards.py), we do not. In [0, 1] units over the tiny processor's
+# smallest std, 0.2, to normalised units. Measured: at most 1.09/255 with either backend. A resize to another
+# size fails the shape check; a bilinear one is off by 3.3/255 at 37 x 90 (smooth images hide it elsewhere).
+RESAMPLED_PIXEL_TOLERANCE = 1.25 / 255 / min(tiny_rewards.TINY_IMAGE_STD)
 # Score tolerance in score points (0-100). Pixel differences of 1e-6 move the tiny judge's logits by
 # about as much, and the score by at most 25x that (the slope of 100 sigmoid); 1e-4 leaves headroom.
 # Measured: at most 7.6e-6, two ulp of a score near 50; the tiny judge's scores spread over about 2 points.
@@ -75,20 +81,12 @@ def load_judge(judge_folder, spec="vlm_alignment,vlm_quality,vlm_photo", **optio
     return rewards.load_reward(spec, sources=dict.fromkeys(names, judge_folder), **options)
 
 
-def fdfo_resize(images: torch.Tensor) -> torch.Tensor:
-    """FDFO's training reward: float32, then 504 x 504 bilinear."""
-    return F.interpolate(images.float(), size=(FDFO_IMAGE_SIZE,) * 2, mode="bilinear", align_corners=False)
-
-
-def official_scores(reference, images, questions) -> torch.Tensor:
-    """100 sigmoid(logit Yes - logit No) at the last position, from processor(...) and model(**inputs)."""
+def fdfo_scores(reference, images_uint8, questions) -> torch.Tensor:
+    """FDFO's evaluation, eval/models.py VLM.calc_yes_no_scores on the uint8 images of run_pipe: the processor's
+    own defaults (its resize included), model(**inputs).logits at the last position, 100 sigmoid(Yes - No)."""
     model, processor = reference
     texts = [FDFO_CHAT_TEMPLATE.format(question) for question in questions]
-    if images.dtype == torch.uint8:  # the processor's defaults on the images as a user has them
-        inputs = processor(text=texts, images=as_pil(images), padding=True, return_tensors="pt")
-    else:  # FDFO's training call on its resized float images
-        inputs = processor(text=texts, images=fdfo_resize(images), padding=True, return_tensors="pt",
-                           images_kwargs={"do_rescale": False, "do_resize": False})
+    inputs = processor(text=texts, images=images_uint8, padding=True, return_tensors="pt")
     with torch.no_grad():
         logits = model(**inputs).logits[:, -1].float()
     vocab = processor.tokenizer.get_vocab()
@@ -99,12 +97,12 @@ def official_scores(reference, images, questions) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("processor_class", [Qwen2VLImageProcessor, Qwen2VLImageProcessorPil])
-def test_pixel_values_match_the_processor_at_the_judges_size(judge_folder, processor_class):
+def test_pixel_values_match_the_processor_at_a_size_it_keeps(judge_folder, processor_class):
     # 504 px images need no resampling: the processor's defaults only rescale, normalise and lay out patches.
     processor = processor_class.from_pretrained(judge_folder)
-    images = smooth_uint8_images(2, FDFO_IMAGE_SIZE, FDFO_IMAGE_SIZE, seed=10)
+    images = smooth_uint8_images(2, JUDGE_SIZE, JUDGE_SIZE, seed=10)
     expected = processor(images=as_pil(images), return_tensors="pt")
-    ours = rewards.qwen_vl_pixel_values(rewards.resize_for_qwen_vl(as_float(images)), processor)
+    ours = rewards.qwen_vl_pixel_values(rewards.resize_for_qwen_vl(as_float(images), processor), processor)
     assert expected.image_grid_thw.tolist() == [[1, 36, 36]] * 2
     assert ours.shape == expected.pixel_values.shape == (2 * 36 * 36, 3 * 2 * 14 * 14)
     assert (ours - expected.pixel_values).abs().max() <= PIXEL_TOLERANCE
@@ -112,29 +110,50 @@ def test_pixel_values_match_the_processor_at_the_judges_size(judge_folder, proce
 
 @pytest.mark.parametrize("processor_class", [Qwen2VLImageProcessor, Qwen2VLImageProcessorPil])
 @pytest.mark.parametrize("size", RESAMPLED_SIZES)
-def test_pixel_values_match_fdfos_resize_then_the_processor(judge_folder, processor_class, size):
+def test_pixel_values_match_the_processors_own_resize(judge_folder, processor_class, size):
     processor = processor_class.from_pretrained(judge_folder)
-    images = as_float(smooth_uint8_images(2, *size, seed=11))
-    expected = processor(images=list(fdfo_resize(images)), do_rescale=False, do_resize=False, return_tensors="pt")
-    ours = rewards.qwen_vl_pixel_values(rewards.resize_for_qwen_vl(images), processor)
-    assert (ours - expected.pixel_values).abs().max() <= PIXEL_TOLERANCE
+    images = smooth_uint8_images(2, *size, seed=11)
+    expected = processor(images=as_pil(images), return_tensors="pt")
+    ours = rewards.qwen_vl_pixel_values(rewards.resize_for_qwen_vl(as_float(images), processor), processor)
+    grid = expected.image_grid_thw[0].tolist()
+    assert tuple(14 * side for side in grid[1:]) == rewards.qwen_vl_size(*size, processor)
+    assert ours.shape == expected.pixel_values.shape
+    assert (ours - expected.pixel_values).abs().max() <= RESAMPLED_PIXEL_TOLERANCE
+
+
+def test_the_reward_resizes_to_the_judges_own_size_for_each_resolution():
+    # Qwen2.5-VL-7B-Instruct's preprocessor_config.json: min_pixels 3136, max_pixels 12845056.
+    processor = Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056)
+    for side, expected in ((512, 504), (1024, 1036)):
+        grid = processor(images=torch.zeros(1, 3, side, side, dtype=torch.uint8), return_tensors="pt").image_grid_thw
+        assert grid.tolist() == [[1, expected // 14, expected // 14]]
+        resized = rewards.resize_for_qwen_vl(torch.rand(1, 3, side, side), processor)
+        assert resized.shape[-2:] == (expected, expected)
 
 
 # ---- scores against the official API --------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", list(FDFO_QUESTIONS))
-@pytest.mark.parametrize("size", [(FDFO_IMAGE_SIZE, FDFO_IMAGE_SIZE), RESAMPLED_SIZES[0]])
-def test_scores_match_processor_then_model_logits(judge_folder, reference, name, size):
+@pytest.mark.parametrize("size", [(JUDGE_SIZE, JUDGE_SIZE), *RESAMPLED_SIZES[:2]])
+def test_metric_scores_are_fdfos_evaluation(judge_folder, reference, name, size):
     images = smooth_uint8_images(3, *size, seed=12)
     questions = [FDFO_QUESTIONS[name].format(prompt=prompt) for prompt in PROMPTS]
-    # At 504 px the reference sees the uint8 images through the processor's own defaults.
-    expected = official_scores(reference, images if size[0] == FDFO_IMAGE_SIZE else as_float(images), questions)
-    with torch.no_grad():
-        ours = load_judge(judge_folder, name)(as_float(images), PROMPTS)
+    expected = fdfo_scores(reference, images, questions)
+    setup = evaluation.MetricSetup(torch.device("cpu"), {name: judge_folder}, dreamsim_cache="")
+    ours = evaluation.METRICS[name].load(setup)(as_float(images), PROMPTS)
     assert ours.dtype == torch.float32 and ours.shape == (3,)
     assert (ours - expected).abs().max() <= SCORE_TOLERANCE
     assert ((ours > 0) & (ours < 100)).all()
+
+
+@pytest.mark.parametrize("name", list(FDFO_QUESTIONS))
+def test_reward_scores_match_the_official_api_at_a_size_the_processor_keeps(judge_folder, reference, name):
+    images = smooth_uint8_images(3, JUDGE_SIZE, JUDGE_SIZE, seed=12)
+    questions = [FDFO_QUESTIONS[name].format(prompt=prompt) for prompt in PROMPTS]
+    with torch.no_grad():
+        ours = load_judge(judge_folder, name)(as_float(images), PROMPTS)
+    assert (ours - fdfo_scores(reference, images, questions)).abs().max() <= SCORE_TOLERANCE
 
 
 def test_the_alignment_question_carries_the_prompt(judge_folder):
