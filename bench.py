@@ -3,6 +3,7 @@
     python bench.py                      # tiny SD, SDXL and SD3 models built on the fly, CPU
     python bench.py --resolution 256 --repeats 5
     python bench.py --families SD3         # one family only
+    python bench.py --compare-compile --families SD   # --compile against eager, and the compile's own time
 
 Prints, for a tiny SD, a tiny SDXL and a tiny SD3.5 model:
   (a) time of one DRaFT+ step (KL on) / time of the stock diffusers pipeline sampling the same batch
@@ -19,6 +20,8 @@ and where a step's time goes, in units of one no-grad call of the UNet (SD3: tra
       its peak memory growth;
 then (with SD among --families) a 2-process full fine-tune of a wider tiny SD UNet through train.py with
 and without --fsdp: step time and peak memory growth per rank.
+With --compare-compile it prints instead, per family, N = 50 no-grad calls and a DRaFT+ step at K = 1 with
+--compile (inductor) over eager, and the compile time with an empty and with a filled inductor cache.
 A step's memory is the peak growth of the bytes held in tensors during a warm step (the CPU's counterpart
 of torch.cuda.max_memory_allocated); the 2-process runs report train.py's own figure, the peak resident set
 above the loaded models (weights, gradients and Adam state dominate there).
@@ -354,22 +357,24 @@ def first_call_seconds(fn, sync=lambda: None) -> float:
     return time.perf_counter() - start
 
 
-def cold_and_warm_first_calls(callables: dict, sync=lambda: None) -> tuple[dict[str, float], dict[str, float]]:
+def cold_and_warm_first_calls(callables: dict, sync=lambda: None) -> tuple[dict[str, float], dict[str, float], int]:
     """Seconds of the first call of each compiled callable, in order, with an empty inductor cache (a process's first
     compile on a new machine), then again after torch._dynamo.reset() with that cache filled (as a later run of the
-    same command on the same machine finds it)."""
+    same command on the same machine finds it); and the number of graphs compiled each time."""
     with tempfile.TemporaryDirectory() as cache:
         previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # read by inductor at each compile
         try:
+            graphs_before = compiled_graphs()
             cold = {name: first_call_seconds(fn, sync) for name, fn in callables.items()}
+            graphs = compiled_graphs() - graphs_before
             torch._dynamo.reset()
             warm = {name: first_call_seconds(fn, sync) for name, fn in callables.items()}
         finally:
             os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
             if previous is not None:
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
-    return cold, warm
+    return cold, warm, graphs
 
 
 def compiled_graphs() -> int:
@@ -391,9 +396,9 @@ def report_compile(bench: BenchConfig, family: str, model: str, clip: str) -> No
     for mode, trainer in trainers.items():
         callables[f"sampling {mode}"] = our_sampling(trainer, prompts)
         callables[f"step {mode}"] = lambda trainer=trainer: trainer.step(next(counter))
-    cold, warm = cold_and_warm_first_calls({"sampling": callables["sampling --compile"],
-                                            "step": callables["step --compile"]})
-    graphs = compiled_graphs()
+    cold, warm, graphs = cold_and_warm_first_calls({"sampling": callables["sampling --compile"],
+                                                    "step": callables["step --compile"]})
+    graphs_before_rounds = compiled_graphs()
     timing = interleaved(callables, bench.repeats)
     print(f"tiny {family} at {bench.resolution}px, batch {bench.batch_size}, CFG {bench.guidance_scale}, LoRA rank "
           f"{bench.lora_rank}, N={steps} K={truncation} with the KL, {torch.get_num_threads()} threads; --compile "
@@ -406,8 +411,8 @@ def report_compile(bench: BenchConfig, family: str, model: str, clip: str) -> No
                  for when, first in (("cold", cold), ("warm", warm))}
     print(f"compile time (first call minus a warm one): sampling {compile_s['cold']['sampling']:.1f}s, then the step's "
           f"graphs {compile_s['cold']['step']:.1f}s with an empty inductor cache; {compile_s['warm']['sampling']:.1f}s "
-          f"and {compile_s['warm']['step']:.1f}s with it filled; {graphs} graphs, {compiled_graphs() - graphs} more "
-          f"compiled during the {bench.repeats} timed rounds", flush=True)
+          f"and {compile_s['warm']['step']:.1f}s with it filled; {graphs} graphs, "
+          f"{compiled_graphs() - graphs_before_rounds} more compiled during the {bench.repeats} timed rounds", flush=True)
 
 
 def sharded_training(bench: BenchConfig, model: str, clip: str, folder: str, fsdp: bool) -> tuple[float, float]:
@@ -583,7 +588,7 @@ def real_compile_rows(bench: BenchConfig, model: str, reward_backbone: str, devi
                      "step": lambda: trainer.step(next(counter))}
         if compiled:
             torch._dynamo.reset()
-            cold, warm = cold_and_warm_first_calls(callables, device.sync)
+            cold, warm, graphs = cold_and_warm_first_calls(callables, device.sync)
         mode = "--compile" if compiled else "eager"
         seconds = {}
         for part, fn in callables.items():
@@ -596,7 +601,7 @@ def real_compile_rows(bench: BenchConfig, model: str, reward_backbone: str, devi
             compile_s = {when: {part: first[part] - seconds[part] for part in first}
                          for when, first in (("empty", cold), ("filled", warm))}
             rows.append(f"| {name} | {shape} | compile time (first call minus a warm one): sampling, then the step; "
-                        f"{compiled_graphs()} graphs | " + "; ".join(
+                        f"{graphs} graphs | " + "; ".join(
                             f"{times['sampling']:.1f}, {times['step']:.1f} ({when} inductor cache)"
                             for when, times in compile_s.items()) + " | | | |")
         del trainer, callables

@@ -46,8 +46,8 @@ class DeviceOption:
 
 @dataclass(kw_only=True)
 class CompileOption:
-    # torch.compile the denoiser (inductor): faster calls once compiled, a compile of minutes first, in every
-    # process and again for each new batch shape (see docs/performance.md)
+    # torch.compile the denoiser (inductor): faster calls once compiled, after a compile of minutes in every process
+    # (and once more for shapes of any size when the batch size first changes); see docs/performance.md
     compile: bool = False
 
 
