@@ -3,6 +3,7 @@
     python bench.py                      # tiny SD, SDXL, SD3, FLUX.1 and FLUX.2 [klein] models built on the fly, CPU
     python bench.py --resolution 256 --repeats 5
     python bench.py --families SD3         # one family only
+    python bench.py --compare-compile --families SD   # --compile against eager, and the compile's own time
 
 Prints, for a tiny SD, a tiny SDXL, a tiny SD3.5, a tiny FLUX.1-dev and a tiny FLUX.2 [klein] base model:
   (a) time of one DRaFT+ step (KL on) / time of the stock diffusers pipeline sampling the same batch
@@ -22,6 +23,8 @@ then (with SD among --families) a 2-process full fine-tune of a wider tiny SD UN
 and without --fsdp: step time and peak memory growth per rank; and the start-up of a full fine-tune of that
 UNet (loading, frozen copy, reward) in a fresh process, bf16 against fp32: its peak resident set above the
 imports.
+With --compare-compile it prints instead, per family, N = 50 no-grad calls and a DRaFT+ step at K = 1 with
+--compile (inductor) over eager, and the compile time with an empty and with a filled inductor cache.
 A step's memory is the peak growth of the bytes held in tensors during a warm step (the CPU's counterpart
 of torch.cuda.max_memory_allocated); the 2-process runs report train.py's own figure, the peak resident set
 above the loaded models (weights, gradients and Adam state dominate there).
@@ -67,13 +70,16 @@ class BenchConfig:
     real_table_rows_only: bool = False  # append only the rows to --real-table (an earlier model's run wrote its header)
     # reward network of the real-shape bench: a configs/real/rewards name, or a CLIPModel folder (its config is used)
     real_reward: str = "pickscore"
+    # instead of the rest: the denoiser with --compile (inductor) against eager, N no-grad calls and a DRaFT+ step at
+    # K = 1, and the compile itself (cold and warm cache); with --real at each model's real shape
+    compare_compile: bool = False
 
 
 PROMPTS = ["a red circle", "a green square"]
 
 
 def make_trainer(bench: BenchConfig, model: str, clip: str, steps: int, truncation: int, checkpointing: str,
-                 merged: bool = True, kl_coeff: float = 0.1):
+                 merged: bool = True, kl_coeff: float = 0.1, compile: bool = False):
     """`checkpointing`: "" none, "steps" --gradient-checkpointing --checkpoint-calls-only (at K = 1 the same as
     --gradient-checkpointing), "blocks" --gradient-checkpointing --checkpoint-blocks."""
     import training
@@ -84,7 +90,7 @@ def make_trainer(bench: BenchConfig, model: str, clip: str, steps: int, truncati
         guidance_scale=bench.guidance_scale, batch_size=bench.batch_size, resolution=bench.resolution,
         lora_rank=bench.lora_rank, lora_alpha=bench.lora_rank, kl_coeff=kl_coeff,
         gradient_checkpointing=bool(checkpointing), checkpoint_blocks=checkpointing == "blocks",
-        checkpoint_calls_only=checkpointing == "steps",
+        checkpoint_calls_only=checkpointing == "steps", compile=compile,
         run_dir=os.path.join(tempfile.gettempdir(), "bench-unused"), device="cpu",
     )
     trainer = training.build(cfg, utils.init_distributed("cpu"))
@@ -337,6 +343,94 @@ def report_reference(timings: dict, memory: dict) -> None:
               f"{reference_mb:.1f} MB = {ours_mb / reference_mb:.3f}", flush=True)
 
 
+# (N, K) of the --compare-compile comparison: a DRaFT+ step (with the KL) at N = 50, K = 1, and the same N
+# no-grad calls sampling
+COMPILE_CONFIG = (50, 1)
+
+
+def our_sampling(trainer, prompts: list[str]):
+    """A callable: the trainer's model sampling `prompts` at its N without a graph, as inference and the first
+    N - K steps of a rollout run (merged LoRA), decoded."""
+    import generation
+
+    cfg = trainer.cfg
+    settings = generation.SamplerSettings(trainer.resolution, cfg.inference_steps, cfg.guidance_scale, cfg.eta,
+                                          cfg.sigmas)
+
+    def sample():
+        with torch.no_grad(), trainer.autocast():
+            generation.generate(trainer.model, prompts, list(range(len(prompts))), settings)
+
+    return sample
+
+
+def first_call_seconds(fn, sync=lambda: None) -> float:
+    """With --compile the first call compiles its graphs: its time is the compile's and one call's."""
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def cold_and_warm_first_calls(callables: dict, sync=lambda: None) -> tuple[dict[str, float], dict[str, float], int]:
+    """Seconds of the first call of each compiled callable, in order, with an empty inductor cache (a process's first
+    compile on a new machine), then again after torch._dynamo.reset() with that cache filled (as a later run of the
+    same command on the same machine finds it); and the number of graphs compiled each time."""
+    with tempfile.TemporaryDirectory() as cache:
+        previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # read by inductor at each compile
+        try:
+            graphs_before = compiled_graphs()
+            cold = {name: first_call_seconds(fn, sync) for name, fn in callables.items()}
+            graphs = compiled_graphs() - graphs_before
+            torch._dynamo.reset()
+            warm = {name: first_call_seconds(fn, sync) for name, fn in callables.items()}
+        finally:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+            if previous is not None:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+    return cold, warm, graphs
+
+
+def compiled_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def report_compile(bench: BenchConfig, family: str, model: str, clip: str) -> None:
+    """--compile against eager on one tiny model: N no-grad calls and a DRaFT+ step, timed in interleaved rounds,
+    and the compile (first call minus a warm one), with a cold and a warm inductor cache."""
+    steps, truncation = COMPILE_CONFIG
+    prompts = PROMPTS[: bench.batch_size]
+    torch._dynamo.reset()  # the graphs of an earlier family
+    trainers = {mode: make_trainer(bench, model, clip, steps, truncation, "", compile=mode == "--compile")
+                for mode in ("eager", "--compile")}
+    counter = iter(range(10**6))
+    callables = {}
+    for mode, trainer in trainers.items():
+        callables[f"sampling {mode}"] = our_sampling(trainer, prompts)
+        callables[f"step {mode}"] = lambda trainer=trainer: trainer.step(next(counter))
+    cold, warm, graphs = cold_and_warm_first_calls({"sampling": callables["sampling --compile"],
+                                                    "step": callables["step --compile"]})
+    graphs_before_rounds = compiled_graphs()
+    timing = interleaved(callables, bench.repeats)
+    print(f"tiny {family} at {bench.resolution}px, batch {bench.batch_size}, CFG {bench.guidance_scale}, LoRA rank "
+          f"{bench.lora_rank}, N={steps} K={truncation} with the KL, {torch.get_num_threads()} threads; --compile "
+          f"(inductor) against eager, median [range] of {bench.repeats} interleaved rounds", flush=True)
+    for part in ("sampling", "step"):
+        what = f"{steps} no-grad calls (sampling)" if part == "sampling" else "DRaFT+ step"
+        print(f"compile: {what} --compile / eager = {timing.ratio(f'{part} --compile', f'{part} eager')} "
+              f"({timing.seconds(f'{part} --compile'):.3f}s / {timing.seconds(f'{part} eager'):.3f}s)", flush=True)
+    compile_s = {when: {part: first[part] - timing.seconds(f"{part} --compile") for part in first}
+                 for when, first in (("cold", cold), ("warm", warm))}
+    print(f"compile time (first call minus a warm one): sampling {compile_s['cold']['sampling']:.1f}s, then the step's "
+          f"graphs {compile_s['cold']['step']:.1f}s with an empty inductor cache; {compile_s['warm']['sampling']:.1f}s "
+          f"and {compile_s['warm']['step']:.1f}s with it filled; {graphs} graphs, "
+          f"{compiled_graphs() - graphs_before_rounds} more compiled during the {bench.repeats} timed rounds", flush=True)
+
+
 def sharded_training(bench: BenchConfig, model: str, clip: str, folder: str, fsdp: bool) -> tuple[float, float]:
     """Median seconds of steps 2-4 (the first allocates the optimizer state) and the peak
     memory growth of rank 0, of a 2-process full fine-tune through train.py, as a user runs it."""
@@ -456,7 +550,7 @@ class Device:
 
 
 def real_trainer(bench: BenchConfig, model: str, reward_backbone: str, device: Device, workdir: str,
-                 truncation: int, kl: bool, checkpointing: str):
+                 truncation: int, kl: bool, checkpointing: str, compile: bool = False):
     """A LoRA trainer (the family's rank and alpha) on the model built from its configs with random weights, as
     train.py builds it otherwise: bf16 autocast and frozen weights on a GPU."""
     import shapes
@@ -467,7 +561,7 @@ def real_trainer(bench: BenchConfig, model: str, reward_backbone: str, device: D
     cfg = training.TrainConfig(
         model=shapes.model_folder(model), reward_source=[], inference_steps=bench.real_steps,
         truncation_steps=truncation, batch_size=batch, resolution=resolution, kl_coeff=0.1 if kl else 0.0,
-        gradient_checkpointing=bool(checkpointing), checkpoint_blocks=checkpointing == "blocks",
+        gradient_checkpointing=bool(checkpointing), checkpoint_blocks=checkpointing == "blocks", compile=compile,
         run_dir=os.path.join(workdir, "unused"), device=device.device.type)
     return training.build(cfg, utils.init_distributed(device.device.type),
                           load_model=shapes.random_weights_loader(workdir),
@@ -528,6 +622,43 @@ def real_shape_report(bench: BenchConfig, model: str, reward_backbone: str, devi
     return rows
 
 
+def real_compile_rows(bench: BenchConfig, model: str, reward_backbone: str, device: Device, workdir: str) -> list[str]:
+    """Rows of the real-shape table for --compare-compile: our N no-grad calls (merged LoRA) and a DRaFT+ step at
+    K = 1 with the KL (checkpointed, the first of REAL_STEPS), eager and then with --compile, one trainer at a time
+    (two of the largest models would not fit beside each other); and the compile time (first call minus a warm one,
+    with an empty and with a filled inductor cache)."""
+    rows = []
+    name = os.path.basename(os.path.normpath(model))
+    for compiled in (False, True):
+        trainer = real_trainer(bench, model, reward_backbone, device, workdir, *REAL_STEPS[0], compile=compiled)
+        cfg = trainer.cfg
+        shape = f"{cfg.resolution} px, batch {cfg.batch_size}, N={cfg.inference_steps}, CFG {cfg.guidance_scale}"
+        counter = iter(range(10**6))
+        callables = {"sampling": our_sampling(trainer, [PROMPTS[i % len(PROMPTS)] for i in range(cfg.batch_size)]),
+                     "step": lambda: trainer.step(next(counter))}
+        if compiled:
+            torch._dynamo.reset()
+            cold, warm, graphs = cold_and_warm_first_calls(callables, device.sync)
+        mode = "--compile" if compiled else "eager"
+        seconds = {}
+        for part, fn in callables.items():
+            seconds[part] = device.seconds(fn, bench.repeats)
+            label = ("our sampling (no grad, merged LoRA)" if part == "sampling"
+                     else "DRaFT+ step K=1 with KL, --gradient-checkpointing --checkpoint-blocks")
+            rows.append(f"| {name} | {shape} | {label}, {mode} | {seconds[part]:.2f} | {device.peak_gib(fn):.3g} | "
+                        f"{cfg.batch_size / seconds[part]:.2f} | {seconds[part] / seconds['sampling']:.3f} |")
+        if compiled:
+            compile_s = {when: {part: first[part] - seconds[part] for part in first}
+                         for when, first in (("empty", cold), ("filled", warm))}
+            rows.append(f"| {name} | {shape} | compile time (first call minus a warm one): sampling, then the step; "
+                        f"{graphs} graphs | " + "; ".join(
+                            f"{times['sampling']:.1f}, {times['step']:.1f} ({when} inductor cache)"
+                            for when, times in compile_s.items()) + " | | | |")
+        del trainer, callables
+        free(device)
+    return rows
+
+
 def free(device: Device) -> None:
     import gc
 
@@ -550,7 +681,8 @@ def report_real(bench: BenchConfig, reward_backbone: str, workdir: str) -> None:
     if not bench.real_table_rows_only:
         write_table_lines(bench, lines)
     for model in bench.real:
-        for row in real_shape_report(bench, model, reward_backbone, device, workdir):
+        rows_of = real_compile_rows if bench.compare_compile else real_shape_report
+        for row in rows_of(bench, model, reward_backbone, device, workdir):
             print(row, flush=True)
             write_table_lines(bench, [row])
 
@@ -594,8 +726,9 @@ def main(bench: BenchConfig) -> None:
         factories = {"SD": tiny_models.make_tiny_sd, "SDXL": tiny_models.make_tiny_sdxl, "SD3": tiny_models.make_tiny_sd3,
                      "FLUX.1": tiny_models.make_tiny_flux, "FLUX.2": tiny_flux2.make_tiny_flux2}
         for family in bench.families:
-            report(bench, family, factories[family](os.path.join(folder, family.lower())), clip)
-        if "SD" in bench.families:
+            report_family = report_compile if bench.compare_compile else report
+            report_family(bench, family, factories[family](os.path.join(folder, family.lower())), clip)
+        if "SD" in bench.families and not bench.compare_compile:
             # Wide enough that weights, gradients and Adam state, not activations, dominate, as in real full
             # fine-tuning.
             wide = tiny_models.make_tiny_sd(os.path.join(folder, "wide"), block_out_channels=(128, 256))

@@ -58,6 +58,13 @@ class DeviceOption:
 
 
 @dataclass(kw_only=True)
+class CompileOption:
+    # torch.compile the denoiser (inductor): faster calls once compiled, after a compile of minutes in every process
+    # (and once more for shapes of any size when the batch size first changes); see docs/performance.md
+    compile: bool = False
+
+
+@dataclass(kw_only=True)
 class RewardSourceOption:
     reward_source: list[str] = field(default_factory=list)  # NAME=PATH: load reward NAME from a local folder/file
 
@@ -97,7 +104,7 @@ class ProtocolOption:
 
 
 @dataclass(kw_only=True)
-class InferenceOptions(SamplerOptions, TextEncoderOptions, DeviceOption, ProtocolOption):
+class InferenceOptions(SamplerOptions, TextEncoderOptions, DeviceOption, ProtocolOption, CompileOption):
     model: str | None = None  # base pipeline (hub id or folder); default: the one the checkpoint records, else SD 1.5
     # alpha of LoRA state dicts saved with torch.save (RTDMD's .pt), which do not record it (scale = alpha / rank)
     lora_alpha: float = models.RTDMD_LORA_ALPHA
@@ -324,6 +331,8 @@ def load_for_inference(cfg: InferenceOptions, checkpoints: tuple[str, ...], devi
         cfg = with_family_defaults(cfg, models.detect_family(name))
     model = models.load_model(name, device, inference_dtype(cfg.dtype, device), cfg.scheduler, text_encoding(cfg))
     models.load_checkpoints_for_inference(model, checkpoints, cfg.lora_alpha, cfg.raw_weights)
+    if cfg.compile:
+        models.compile_denoisers(model)
     if not cfg.raw_weights and any(map(models.ema_folder, checkpoints)):
         utils.print0("loaded the EMA weights (ema/) of the checkpoints that hold them; --raw-weights loads "
                      "the raw ones")

@@ -316,6 +316,17 @@ def trainable_parameters(model: DiffusionModel) -> list[torch.nn.Parameter]:
     return [p for p in model.denoiser.parameters() if p.requires_grad]
 
 
+def compile_denoisers(model: DiffusionModel, backend: str = "inductor") -> None:
+    """torch.compile the denoiser, and a full fine-tune's frozen base, in place: the pipeline, the state dict's
+    names and the LoraLayers switches keep the same modules. Dynamo guards on each submodule's type, so the
+    switches' plain layers and the LoRA layers get a compiled graph each, made once and then picked per call,
+    and on grad mode, so the no-grad and graph calls do too; weights (the merged ones, remade after every
+    optimizer step) are the graphs' inputs, not guards, and recompile nothing."""
+    for network in (model.denoiser, model.frozen_base):
+        if network is not None:
+            network.compile(backend=backend)
+
+
 class LoraLayers:
     """A network's LoRA layers, found once and switched directly. peft's `disable_adapters()` walks every
     module of the network (~49 ms a toggle on an SDXL-sized UNet) and flips requires_grad on every

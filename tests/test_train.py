@@ -220,6 +220,7 @@ def test_training_steps_raise_the_reward_of_a_fixed_batch(tiny_sd, tiny_clip, pr
     (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
     (["--kl-coeff", "inf"], "--kl-coeff must be a finite number"),
     (["--device", "cuda"], "no CUDA device"),
+    (["--full-finetune", "--fsdp", "--compile"], "--compile and --fsdp exclude each other"),
     (["--val-metrics", "nope", "--val-every", "1"], "--val-metrics: unknown metric 'nope'"),
     (["--val-metrics", "gold_diversity", "--val-metrics-repeats", "1", "--val-every", "1"], "--val-metrics-repeats 2"),
     (["--val-metrics", "pickscore", "--val-every", "1", "--val-metrics-num-prompts", "99"], "exceeds the 32 prompts"),
