@@ -353,12 +353,10 @@ def our_sampling(trainer, prompts: list[str]):
     N - K steps of a rollout run (merged LoRA), decoded."""
     import generation
 
-    cfg = trainer.cfg
-    settings = generation.SamplerSettings(trainer.resolution, cfg.inference_steps, cfg.guidance_scale, cfg.eta,
-                                          cfg.sigmas)
+    settings = generation.SamplerSettings.of(trainer.cfg, trainer.resolution)
 
     def sample():
-        with torch.no_grad(), trainer.autocast():
+        with torch.no_grad():
             generation.generate(trainer.model, prompts, list(range(len(prompts))), settings)
 
     return sample

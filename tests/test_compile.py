@@ -40,9 +40,8 @@ def outcomes(trainer) -> dict[str, torch.Tensor]:
     """One optimizer step (the LoRA moves away from the base), then the next rollout's loss, KL and gradients, and
     the no-grad images of the base, the tuned model (merged LoRA) and their annealed mix."""
     trainer.step(0)
-    with trainer.autocast():
-        images, kl = trainer.rollout(PROMPTS, [1, 2], trainer.cfg.truncation_steps)
-        loss = -trainer.reward(images, PROMPTS).mean() + trainer.cfg.kl_coeff * kl
+    images, kl = trainer.rollout(PROMPTS, [1, 2], trainer.cfg.truncation_steps)
+    loss = -trainer.reward(images, PROMPTS).mean() + trainer.cfg.kl_coeff * kl
     loss.backward()
     params = models.trainable_parameters(trainer.model)
     results = {"loss": loss.detach(), "kl": kl.detach(), "gradients": torch.cat([p.grad.flatten() for p in params])}
