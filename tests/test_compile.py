@@ -82,12 +82,14 @@ def test_compiled_graphs_with_checkpointing_give_the_eager_results(tiny_sd, tiny
     and the blocks' checkpoints inside it reach the right graphs, and the results are the eager ones."""
     flags = {"gradient_checkpointing": True}
     eager = outcomes(trainer_of(tiny_sd, tiny_clip, tmp_path, **flags))
-    assert_close(eager, compiled_outcomes(tiny_sd, tiny_clip, tmp_path, "aot_eager", **flags), 1e-5)
+    # the same kernels in the same order: equal with torch 2.14; a margin for other releases' decompositions
+    assert_close(eager, compiled_outcomes(tiny_sd, tiny_clip, tmp_path, "aot_eager", **flags), 1e-6)
 
 
 @pytest.mark.slow
 def test_compile_flag_gives_the_eager_images_and_gradients_with_inductor(tiny_sd3, tiny_clip, tmp_path, one_thread):
     """--compile as shipped (inductor's generated kernels), through training.build; on the tiny SD3 at K = 1, whose
-    two graphs inductor compiles in a third of the tiny SD's three graphs' time (minutes on a CPU)."""
+    two graphs inductor compiles in about 2 minutes on a CPU with an empty cache (the tiny SD's three, in several)."""
     eager = outcomes(trainer_of(tiny_sd3, tiny_clip, tmp_path, truncation_steps=1))
+    # inductor's fused kernels sum in another order: at most 6e-6 off with torch 2.14 (the gradients)
     assert_close(eager, compiled_outcomes(tiny_sd3, tiny_clip, tmp_path, truncation_steps=1, compile=True), 1e-4)
