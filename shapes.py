@@ -265,8 +265,6 @@ def random_pickscore_loader(workdir: str, backbone: str = "pickscore"):
         path = backbone if os.path.isdir(backbone) else os.path.join(REWARD_CONFIGS, backbone)
         with torch.device(device), default_dtype(dtype):
             network = build_transformers_model(path).eval()
-        if network.logit_scale.is_meta:  # ClipScore reads the scale's value; on the meta device there is none
-            network.logit_scale = torch.nn.Parameter(torch.tensor(network.config.logit_scale_init_value, dtype=dtype))
         side = network.config.vision_config.image_size
         processor = CLIPProcessor(
             image_processor=CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}),
