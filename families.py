@@ -222,14 +222,34 @@ class SD3(Family):
         return list(network.transformer_blocks)
 
 
-class Flux(Family):
+class PackedTransformer(Family):
+    """What FLUX.1 and FLUX.2 share: a flow-matching transformer of double- and single-stream blocks on
+    latents packed 2x2 into tokens, trained at 512 px, its LoRA saved with peft's key names."""
+    denoiser_name = "transformer"
+    diffusers_lora_keys = False
+    flow = True
+    train_resolution = 512
+
+    def default_resolution(self, model):
+        """The pipeline's default height and width."""
+        return model.pipe.default_sample_size * model.pipe.vae_scale_factor
+
+    def resolution_multiple(self, model):
+        """Latent pixels, and 2x2 of them to a packed token."""
+        return model.pipe.vae_scale_factor * 2
+
+    def shard_units(self, network):
+        """Each double-stream and each single-stream block."""
+        return [*network.transformer_blocks, *network.single_transformer_blocks]
+
+
+class Flux(PackedTransformer):
     """FLUX.1 [dev], Krea [dev] and [schnell] (FluxPipeline): a transformer of double- and single-stream
     blocks on 2x2-packed latents with RoPE position ids, conditioned on CLIP's pooled output and T5's
     sequence. Guidance-distilled checkpoints (transformer config `guidance_embeds`) take the guidance
     scale as an input; true CFG against the empty prompt is --true-cfg-scale, as FluxPipeline's."""
     name, label = "flux", "FLUX.1"
     pipelines = ("FluxPipeline",)
-    denoiser_name = "transformer"
     # As diffusers' FLUX LoRA script (examples/dreambooth/train_dreambooth_lora_flux.py) and Flow-GRPO
     # (scripts/train_flux.py) set them: every attention projection of the double-stream blocks, image and
     # text, with both streams' feed-forwards, and q/k/v of the single-stream blocks (whose attention has
@@ -238,8 +258,6 @@ class Flux(Family):
     lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
                     "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
                     "ff_context.net.2")
-    diffusers_lora_keys = False
-    flow = True
     text_encoders = ("text_encoder", "text_encoder_2")
     true_cfg = True
     # FLUX.1-dev as FluxPipeline samples it (28 steps, guidance 3.5, 512 T5 tokens, no true CFG); LoRA
@@ -247,7 +265,6 @@ class Flux(Family):
     # config/grpo.py pickscore_flux).
     defaults = dict(scheduler="pipeline", inference_steps=28, guidance_scale=3.5, true_cfg_scale=1.0,
                     max_sequence_length=MAX_T5_TOKENS, lora_rank=64, lora_alpha=128.0)
-    train_resolution = 512
 
     def for_checkpoint(self, model):
         """A checkpoint without the guidance embedding is timestep-distilled, as FLUX.1-schnell is."""
@@ -328,18 +345,6 @@ class Flux(Family):
                              config.get("base_shift", 0.5), config.get("max_shift", 1.15))
         return {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps), "mu": mu}
 
-    def default_resolution(self, model):
-        """The pipeline's default height and width (1024 px for FLUX.1)."""
-        return model.pipe.default_sample_size * model.pipe.vae_scale_factor
-
-    def resolution_multiple(self, model):
-        """Latent pixels, and 2x2 of them to a packed token."""
-        return model.pipe.vae_scale_factor * 2
-
-    def shard_units(self, network):
-        """Each double-stream and each single-stream block."""
-        return [*network.transformer_blocks, *network.single_transformer_blocks]
-
 
 class FluxDistilled(Flux):
     """A FLUX.1 checkpoint without the guidance embedding (FLUX.1-schnell), with the settings diffusers'
@@ -353,7 +358,7 @@ class FluxDistilled(Flux):
                              "(schnell-like); leave it out, or guide with --true-cfg-scale")
 
 
-class Flux2Klein(Family):
+class Flux2Klein(PackedTransformer):
     """FLUX.2 [klein] (Flux2KleinPipeline): the base 4B/9B, guided with real classifier-free guidance,
     and the step-distilled 4B/9B, never guided, as the pipeline decides from `is_distilled` in its
     model_index.json. Prompts are Qwen3's hidden states of the chat-templated prompt at the pipeline's
@@ -363,21 +368,17 @@ class Flux2Klein(Family):
     and back with the pipeline's own helpers."""
     name, label = "flux2", "FLUX.2 [klein]"
     pipelines = ("Flux2KleinPipeline",)
-    denoiser_name = "transformer"
     # As diffusers' klein LoRA script (examples/dreambooth/train_dreambooth_lora_flux2_klein.py) targets
     # them by default: the image-stream attention of the double-stream blocks, and each single-stream
     # block's fused qkv-and-MLP input and its output (24 of them cover klein 9B; 4B has 20).
     lora_targets = ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj",
                     *(f"single_transformer_blocks.{i}.attn.to_out" for i in range(24)))
-    diffusers_lora_keys = False
-    flow = True
     # The pipeline's defaults for the base models (50 steps, CFG 4, 512 Qwen3 tokens); LoRA rank 32,
     # alpha 64 and 512 px as RTDMD trains FLUX.2-klein-4B (configs/rtdmd/flux2_4b.yaml).
     defaults = dict(scheduler="pipeline", inference_steps=50, guidance_scale=4.0, lora_rank=32, lora_alpha=64.0,
                     max_sequence_length=512)
     # The distilled models as their model cards sample them: 4 steps, no guidance.
     distilled_defaults = {**defaults, "inference_steps": 4, "guidance_scale": 1.0}
-    train_resolution = 512
     text_encoder_out_layers = (9, 18, 27)  # the pipeline's default, which no config records
 
     def __init__(self, distilled: bool = False):
@@ -461,16 +462,6 @@ class Flux2Klein(Family):
         std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + eps).to(latents.device, latents.dtype)
         return pipeline._unpatchify_latents(latents * std + mean)
 
-    def default_resolution(self, model):
-        return model.pipe.default_sample_size * model.pipe.vae_scale_factor
-
-    def resolution_multiple(self, model):
-        """The VAE's factor times the 2x2 patchify."""
-        return model.pipe.vae_scale_factor * 2
-
-    def shard_units(self, network):
-        """Each double-stream and each single-stream block."""
-        return [*network.transformer_blocks, *network.single_transformer_blocks]
 
 
 @contextlib.contextmanager
