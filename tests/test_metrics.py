@@ -69,7 +69,7 @@ def prompt_file(tmp_path_factory):
 def run_metrics(args, world_size=1):
     launcher = [sys.executable]
     if world_size > 1:
-        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={world_size}", "--master_port", "29531"]
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
     return subprocess.run(launcher + ["metrics.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 

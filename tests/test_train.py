@@ -28,7 +28,7 @@ RUN_FLAGS = ["--inference-steps", "6", "--guidance-scale", "3.0", "--lora-rank",
 def run_train(args, *, world_size=1, check=True, env=None, **popen):
     launcher = [sys.executable]
     if world_size > 1:
-        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={world_size}", "--master_port", "29517"]
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
     command = launcher + ["train.py"] + args
     if popen:
         return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
