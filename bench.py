@@ -467,16 +467,17 @@ def report_fsdp(bench: BenchConfig, model: str, clip: str, folder: str) -> None:
           f"= {fsdp_mb / plain_mb:.3f}", flush=True)
 
 
+# The peak is the process's own high-water mark (VmHWM): getrusage's ru_maxrss survives exec, so a child of a
+# large process (a long pytest worker) would report its parent's size.
 STARTUP = """\
-import resource, sys
+import sys
 sys.path.insert(0, {root!r})
 import training, utils
-with open("/proc/self/status") as f:
-    before = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+before = utils._proc_status_kb("VmRSS")
 cfg = training.TrainConfig(model={model!r}, reward_source=["pickscore={clip}"], full_finetune=True,
                            mixed_precision={precision!r}, inference_steps=4, resolution=32, device="cpu")
 training.build(cfg, utils.init_distributed("cpu"))
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+print((utils._proc_status_kb("VmHWM") - before) / 1024)
 """
 
 
