@@ -7,8 +7,8 @@ Weights, gradients and optimizer state come from the networks' parameter counts 
 activations come from tracing one step's parts on the meta device at the real shapes: the bytes each part saves
 for backward (the denoiser's call, the VAE decode, the reward), with attention saving what the fused kernels of
 a GPU save (its inputs, output and log-sum-exp, not the attention matrix), combined as the checkpointing mode
-holds them, times ACTIVATION_FACTOR, which covers what backward allocates beside the saved tensors and was
-calibrated on measured CPU peaks (tests/test_memory.py checks the model against them).
+holds them, with the gradients backward holds beside what it recomputes (tests/test_memory.py checks the model
+against measured CPU peaks).
 """
 
 import contextlib
@@ -22,11 +22,12 @@ import tyro
 import shapes
 
 GiB = 2**30
-# Peak activation memory of a step / the bytes its parts save for backward, as measured on the CPU (fp32, tiny
-# SD, SDXL and SD3 at 32-64 px, tests/test_memory.py): backward's gradients of activations and the kernels'
-# workspaces come on top of the saved tensors.
-ACTIVATION_FACTOR = 1.0
 BF16, FP32 = 2, 4
+# While backward runs through a recomputed unit's widest layer it holds two gradients of that layer's size
+# beside the unit's saved tensors: of its output and of its input. Against the measured CPU peaks of
+# tests/test_memory.py one such gradient under-predicts the checkpointed steps by up to 17%, two keep all
+# within 11%.
+GRADIENTS_PER_LAYER = 2
 ADAM_STATE = 2 * FP32  # exp_avg and exp_avg_sq, fp32 like the trainable weights
 
 
@@ -45,20 +46,34 @@ class Mode:
 
 
 @dataclass(frozen=True)
+class Unit:
+    """One checkpointed unit of a part, as the forward met it: what it saves for backward, the largest single
+    tensor of those, and what is held when backward reaches it with the units checkpointed (what the part saved
+    outside the units before it, and the inputs of the units up to this one)."""
+    saved: int
+    largest: int
+    held_before: int
+
+
+@dataclass(frozen=True)
 class Saved:
-    """What one part of the step saves for backward: in all, in each of its blocks, and the blocks' inputs."""
+    """What one part of the step saves for backward: in all, and per checkpointed unit."""
     total: int
-    blocks: tuple[int, ...]
-    block_inputs: int
+    units: tuple[Unit, ...]
+    unit_inputs: int
 
     def held(self, checkpointed: bool) -> int:
-        """Held until backward: everything, or with the blocks checkpointed only what lies outside them and
-        their inputs."""
-        return self.total - sum(self.blocks) + self.block_inputs if checkpointed else self.total
+        """Held from the forward until backward: everything, or with the units checkpointed only what lies
+        outside them and their inputs."""
+        return self.total - sum(u.saved for u in self.units) + self.unit_inputs if checkpointed else self.total
 
-    def recomputed(self, checkpointed: bool) -> int:
-        """Made again in backward, at most at once: one block's."""
-        return max(self.blocks, default=0) if checkpointed else 0
+    def backward_peak(self, checkpointed: bool) -> int:
+        """The most held at once while backward runs through the part. Backward starts with all that is held;
+        with the units checkpointed it then recomputes one unit at a time, beside what is still held of the
+        part (what came before the unit) and the gradients of the unit's widest layer."""
+        recomputing = (u.held_before + u.saved + GRADIENTS_PER_LAYER * u.largest
+                       for u in self.units) if checkpointed else ()
+        return max([self.held(checkpointed), *recomputing])
 
 
 @dataclass(frozen=True)
@@ -110,12 +125,13 @@ def fused_attention_shapes():
         torch.nn.functional.scaled_dot_product_attention = original
 
 
-def trace_saved(fn, network: torch.nn.Module, blocks: list[torch.nn.Module]) -> Saved:
+def trace_saved(fn, network: torch.nn.Module, units: list[torch.nn.Module]) -> Saved:
     """The bytes `fn` saves for backward, parameters left out (they are counted as weights), storages counted
-    once, and how much of it each of `blocks` saves and their inputs."""
+    once, and what each of `units` saves and is given."""
     parameters = {p.untyped_storage()._cdata for p in network.parameters()}
-    saved: dict[int, int] = {}
-    per_block, inputs, starts = [], [0], []
+    saved: dict[int, int] = {}  # in the order first saved
+    inputs: dict[int, int] = {}
+    records, starts = [], []
 
     def pack(tensor):
         storage = tensor.untyped_storage()
@@ -123,22 +139,27 @@ def trace_saved(fn, network: torch.nn.Module, blocks: list[torch.nn.Module]) -> 
             saved[storage._cdata] = storage.nbytes()
         return tensor
 
-    def before(module, args):
-        starts.append(sum(saved.values()))
-        inputs[0] += sum(a.untyped_storage().nbytes() for a in args if isinstance(a, torch.Tensor))
+    def before(module, args, kwargs):
+        for tensor in [*args, *kwargs.values()]:
+            if isinstance(tensor, torch.Tensor):
+                inputs[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
+        outside = sum(saved.values()) - sum(unit.saved for unit in records)
+        starts.append((len(saved), outside + sum(inputs.values())))
 
     def after(module, args, output):
-        per_block.append(sum(saved.values()) - starts.pop())
+        first, held_before = starts.pop()
+        new = list(saved.values())[first:]
+        records.append(Unit(sum(new), max(new, default=0), held_before))
 
-    handles = [h for block in blocks for h in (block.register_forward_pre_hook(before),
-                                               block.register_forward_hook(after))]
+    handles = [h for unit in units for h in (unit.register_forward_pre_hook(before, with_kwargs=True),
+                                             unit.register_forward_hook(after))]
     try:
         with fused_attention_shapes(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             fn()
     finally:
         for handle in handles:
             handle.remove()
-    return Saved(sum(saved.values()), tuple(per_block), inputs[0])
+    return Saved(sum(saved.values()), tuple(records), sum(inputs.values()))
 
 
 @dataclass(frozen=True)
@@ -158,10 +179,15 @@ class StepParts:
 
 
 def checkpointed_units(blocks: list[torch.nn.Module]) -> list[torch.nn.Module]:
-    """What diffusers' gradient checkpointing recomputes as one: a UNet block's resnets and attentions one by
-    one, a transformer's blocks whole."""
-    return [unit for block in blocks
-            for unit in [*getattr(block, "resnets", []), *(getattr(block, "attentions", None) or [])] or [block]]
+    """What diffusers' gradient checkpointing recomputes as one: in a UNet block each resnet, and inside each
+    attention (a Transformer2DModel) each of its transformer blocks, the attention's own projections and norm
+    left outside; a transformer's blocks whole."""
+    def units(block):
+        attentions = getattr(block, "attentions", None) or []
+        inner = [unit for attention in attentions for unit in getattr(attention, "transformer_blocks", [attention])]
+        return [*getattr(block, "resnets", []), *inner] or [block]
+
+    return [unit for block in blocks for unit in units(block)]
 
 
 def default_sampler_settings(family, mode: Mode):
@@ -217,23 +243,23 @@ def trace_step(model: str, reward_backbone: str, mode: Mode) -> StepParts:
 
 def activation_bytes(parts: StepParts, mode: Mode) -> int:
     """The peak of what the graph holds: what the forward leaves held until backward, or, during backward, what
-    is still held plus the part being recomputed. Per-call checkpointing (K > 1) holds each call's input and recomputes one call
-    (with its blocks checkpointed inside it, or not); at K = 1 --gradient-checkpointing checkpoints the blocks."""
+    is still held plus the part being recomputed. Per-call checkpointing (K > 1) holds each call's input and
+    recomputes one call (with its units checkpointed inside it, or not); at K = 1 --gradient-checkpointing
+    checkpoints the units."""
     per_call = mode.checkpointing != "" and mode.truncation > 1
-    blocks = mode.checkpointing == "blocks" or (mode.checkpointing == "steps" and mode.truncation == 1)
-    denoiser = parts.denoiser
+    units = mode.checkpointing == "blocks" or (mode.checkpointing == "steps" and mode.truncation == 1)
+    denoiser, k = parts.denoiser, mode.truncation
     if per_call:
-        denoiser_held = mode.truncation * parts.call_input
-        denoiser_backward = denoiser.held(blocks) + denoiser.recomputed(blocks)
+        calls_held = k * parts.call_input
+        last_call = (k - 1) * parts.call_input + denoiser.backward_peak(units)
     else:
-        denoiser_held = mode.truncation * denoiser.held(blocks)
-        denoiser_backward = denoiser.recomputed(blocks)
+        calls_held = k * denoiser.held(units)
+        last_call = (k - 1) * denoiser.held(units) + denoiser.backward_peak(units)
     others = mode.checkpointing != ""  # the VAE decoder and reward tower checkpoint with --gradient-checkpointing
-    decode, reward = parts.decode.held(others), parts.reward.held(others)
     # backward runs through the reward, then the decode, then the denoiser's calls, each freeing what it held
-    peak = denoiser_held + max(decode + reward + parts.reward.recomputed(others),
-                               decode + parts.decode.recomputed(others), denoiser_backward)
-    return int(ACTIVATION_FACTOR * peak)
+    peak = max(calls_held + parts.decode.held(others) + parts.reward.backward_peak(others),
+               calls_held + parts.decode.backward_peak(others), last_call)
+    return peak
 
 
 def estimate(parts: StepParts, mode: Mode) -> Estimate:
