@@ -125,11 +125,13 @@ def detect_family(model: str) -> families.Family:
 
 
 def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.float32, scheduler: str | None = None,
-               text: TextEncoding = TextEncoding(), denoiser_dtype: torch.dtype | None = None) -> DiffusionModel:
+               text: TextEncoding = TextEncoding(), denoiser_dtype: torch.dtype | None = None,
+               denoiser_device: torch.device | None = None) -> DiffusionModel:
     """Load a pipeline with every part frozen. `scheduler`: "ddim" swaps in DDIM built from its config,
     "cps" the CPS step on its flow-match schedule, "pipeline" keeps its own; default the family's.
     `denoiser_dtype`: the denoiser's own dtype where it differs from the rest's (a full fine-tune trains it
-    in fp32 while what stays frozen loads in the training dtype, never in fp32 first)."""
+    in fp32 while what stays frozen loads in the training dtype, never in fp32 first). `denoiser_device`:
+    where the denoiser stays where it differs from `device` (see prepared)."""
     family = detect_family(model)
     scheduler = scheduler or family.defaults["scheduler"]
     dtypes = {"default": dtype, family.denoiser_name: denoiser_dtype} if denoiser_dtype else dtype
@@ -139,14 +141,15 @@ def load_model(model: str, device: torch.device, dtype: torch.dtype = torch.floa
                                                  **{**_components_left_out(model, family, text), **family.load_kwargs})
     except Exception as error:
         raise UsageError(f"cannot load model {model!r}: {_first_line(error)}") from None
-    return prepared(pipe, family, device, scheduler, text)
+    return prepared(pipe, family, device, scheduler, text, denoiser_device)
 
 
 def prepared(pipe: DiffusionPipeline, family: families.Family, device: torch.device, scheduler: str,
-             text: TextEncoding = TextEncoding()) -> DiffusionModel:
+             text: TextEncoding = TextEncoding(), denoiser_device: torch.device | None = None) -> DiffusionModel:
     """A loaded (or built) pipeline made ready for sampling and training: the scheduler asked for, every
-    part frozen, on `device` (the text encoders stay on the CPU with offloading), the text length the
-    family's when none is asked for."""
+    part frozen, on `device` (the text encoders stay on the CPU with offloading; the denoiser on
+    `denoiser_device` where one is given: --fsdp shards it from the CPU), the text length the family's when
+    none is asked for."""
     if text.max_sequence_length is None:
         text = replace(text, max_sequence_length=family.defaults.get("max_sequence_length"))
     if scheduler == "ddim":
@@ -161,7 +164,7 @@ def prepared(pipe: DiffusionPipeline, family: families.Family, device: torch.dev
         pipe.vae.float()  # for good: switching dtypes around a decode that keeps its graph would break backward
     for name, part in pipe.components.items():
         if isinstance(part, torch.nn.Module) and not (text.offload and name in family.text_encoders):
-            part.to(device)
+            part.to(denoiser_device if denoiser_device and name == family.denoiser_name else device)
     return DiffusionModel(pipe=pipe, family=family, text=text)
 
 
@@ -307,6 +310,24 @@ def frozen_copy(network: torch.nn.Module, dtype: torch.dtype, units=(), shard=No
     return twin
 
 
+def check_compiler(device: torch.device) -> None:
+    """Inductor builds its kernels with a compiler of this machine's: C++ for the CPU, a C compiler for
+    Triton's launchers on a GPU. Without one the first call would fail deep inside the compile, minutes in."""
+    import shutil
+
+    if device.type == "cpu":
+        from torch._inductor import cpp_builder, exc
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except exc.InvalidCxxCompiler:
+            raise UsageError("--compile on the CPU needs a C++ compiler (g++ or clang++): install one, or run "
+                             "without --compile") from None
+    elif not any(shutil.which(name) for name in (os.environ.get("CC") or "cc", "gcc", "clang")):
+        raise UsageError("--compile on a GPU needs a C compiler for Triton (cc, gcc or clang, or $CC): install one, "
+                         "or run without --compile")
+
+
 def _cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     """The dtype a cast of a module to `dtype` gives this tensor: floating ones take it, others keep theirs."""
     return dtype if tensor.is_floating_point() else tensor.dtype
@@ -322,6 +343,8 @@ def compile_denoisers(model: DiffusionModel, backend: str = "inductor") -> None:
     switches' plain layers and the LoRA layers get a compiled graph each, made once and then picked per call,
     and on grad mode, so the no-grad and graph calls do too; weights (the merged ones, remade after every
     optimizer step) are the graphs' inputs, not guards, and recompile nothing."""
+    if backend == "inductor":
+        check_compiler(next(model.denoiser.parameters()).device)
     for network in (model.denoiser, model.frozen_base):
         if network is not None:
             network.compile(backend=backend)

@@ -241,7 +241,7 @@ def random_weights_loader(workdir: str):
     import models
 
     def load(model: str, device: torch.device, dtype: torch.dtype = torch.float32, scheduler: str | None = None,
-             text=None, denoiser_dtype: torch.dtype | None = None):
+             text=None, denoiser_dtype: torch.dtype | None = None, denoiser_device: torch.device | None = None):
         family = models.detect_family(model)
         text = text or models.TextEncoding()
         pipe = build_pipeline(model, "cpu" if text.offload else device, dtype, workdir, **family.load_kwargs)
@@ -250,7 +250,7 @@ def random_weights_loader(workdir: str):
         if not text.t5:
             for name in family.t5_components:
                 setattr(pipe, name, None)
-        return models.prepared(pipe, family, device, scheduler or family.defaults["scheduler"], text)
+        return models.prepared(pipe, family, device, scheduler or family.defaults["scheduler"], text, denoiser_device)
 
     return load
 

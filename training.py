@@ -786,11 +786,14 @@ def build(cfg: TrainConfig, dist: utils.Dist, load_model=models.load_model, load
     amp = autocast_dtype(cfg, dist.device)
     weights_dtype = amp or torch.float32  # of everything frozen; trainable weights are fp32
     # What stays frozen loads in the training dtype; a full fine-tune's denoiser in fp32, whose frozen copy
-    # is then made in the training dtype (sharded unit by unit with --fsdp).
-    model = load_model(cfg.model, dist.device, weights_dtype, cfg.scheduler, generation.text_encoding(cfg),
-                       denoiser_dtype=torch.float32 if cfg.full_finetune else None)
-    generation.checked_resolution(model, cfg.resolution)
+    # is then made in the training dtype (sharded unit by unit with --fsdp). With --fsdp the denoiser stays on
+    # the CPU: fully_shard moves each unit to the device as it shards it, so that no GPU holds the whole fp32
+    # denoiser (diffusers loads it on the CPU anyway, before moving it).
     sharded = cfg.fsdp and dist.world_size > 1
+    model = load_model(cfg.model, dist.device, weights_dtype, cfg.scheduler, generation.text_encoding(cfg),
+                       denoiser_dtype=torch.float32 if cfg.full_finetune else None,
+                       denoiser_device=torch.device("cpu") if sharded else None)
+    generation.checked_resolution(model, cfg.resolution)
     model.autocast = amp
     if cfg.full_finetune:
         units, shard_base = (model.family.shard_units(model.denoiser), sharding(None)) if sharded else ((), None)

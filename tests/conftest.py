@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import pytest
@@ -12,6 +13,25 @@ import tiny_models  # noqa: E402
 import tiny_rewards  # noqa: E402
 
 
+def run_train(args, *, world_size=1, check=True, env=None, **popen):
+    """train.py in a subprocess from the repository root, under torchrun with `world_size` > 1, one torch thread
+    per process (tiny models gain nothing from more; on 2 shared cores they only contend). Given `popen`
+    arguments it starts the run and returns the process, its output discarded (nothing reads it while it
+    runs); otherwise it waits, asserts the run succeeded unless `check` is false, and returns the result."""
+    launcher = [sys.executable]
+    if world_size > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
+    command = [*launcher, "train.py", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    if popen:
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                **popen)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     return tiny_models.make_tiny_sd(str(tmp_path_factory.mktemp("sd_eps")), "epsilon")
@@ -20,6 +40,16 @@ def tiny_sd(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd_v(tmp_path_factory):
     return tiny_models.make_tiny_sd(str(tmp_path_factory.mktemp("sd_v")), "v_prediction", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    return tiny_models.make_tiny_sdxl(str(tmp_path_factory.mktemp("sdxl")))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory):
+    return tiny_models.make_tiny_sd3(str(tmp_path_factory.mktemp("sd3")))
 
 
 @pytest.fixture(scope="module")

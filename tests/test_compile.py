@@ -7,17 +7,11 @@ from torch._dynamo.utils import counters
 
 import generation
 import models
-import tiny_models
 import training
 import utils
 
 PROMPTS = ["a red circle", "a blue square"]
 SETTINGS = generation.SamplerSettings(resolution=32, num_steps=4, guidance_scale=3.0)
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    return tiny_models.make_tiny_sd3(str(tmp_path_factory.mktemp("sd3")))
 
 
 def trainer_of(model, tiny_clip, tmp_path, compile_backend=None, **flags):
@@ -93,3 +87,13 @@ def test_compile_flag_gives_the_eager_images_and_gradients_with_inductor(tiny_sd
     eager = outcomes(trainer_of(tiny_sd3, tiny_clip, tmp_path, truncation_steps=1))
     # inductor's fused kernels sum in another order: at most 6e-6 off with torch 2.14 (the gradients)
     assert_close(eager, compiled_outcomes(tiny_sd3, tiny_clip, tmp_path, truncation_steps=1, compile=True), 1e-4)
+
+
+def test_without_a_cxx_compiler_compile_is_refused_before_anything_compiles(tiny_sd, monkeypatch):
+    from torch._inductor import config
+
+    model = models.load_model(tiny_sd, torch.device("cpu"))
+    monkeypatch.setattr(config.cpp, "cxx", ("no-such-compiler-on-this-machine",))
+    with pytest.raises(utils.UsageError, match="--compile on the CPU needs a C\\+\\+ compiler"):
+        models.compile_denoisers(model)
+    assert model.denoiser._compiled_call_impl is None

@@ -20,7 +20,8 @@ import models
 import train
 import training
 import utils
-from test_train import common_args, run_train
+from conftest import run_train
+from test_train import common_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")

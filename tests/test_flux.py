@@ -22,8 +22,9 @@ import tiny_models
 import tiny_rewards
 import training
 import utils
+from conftest import run_train
 from test_anneal import write_lora_checkpoint
-from test_fsdp import run_train, worst_difference
+from test_fsdp import worst_difference
 from test_sd3 import counting, max_difference, run_generate_expecting_usage_error
 from test_sdxl import (assert_linear_lies_between_base_and_draft, gradients_by_checkpointing,
                        metrics_of_base_and_tuned, train_config, trained_on_a_fixed_batch, write_full_checkpoint)
@@ -53,11 +54,6 @@ def tiny_flux(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_schnell(tmp_path_factory):
     return tiny_models.make_tiny_flux(str(tmp_path_factory.mktemp("flux_schnell")), seed=1, guidance_embeds=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    return tiny_models.make_tiny_sd3(str(tmp_path_factory.mktemp("sd3")))
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -20,27 +18,12 @@ import generation
 import models
 import tiny_models
 import training
-from conftest import ROOT
+from conftest import run_train
 from utils import generators
 
 FLAGS = ["--inference-steps", "4", "--guidance-scale", "3.0", "--lr", "1e-4", "--val-every", "0",
          "--full-finetune", "--batch-size", "1", "--steps", "4", "--save-every", "2"]
 UNET_FILE = os.path.join(models.FULL_UNET_DIR, "diffusion_pytorch_model.safetensors")
-
-
-def run_train(args, *, world_size=1, check=True, env=None, **popen):
-    launcher = [sys.executable]
-    if world_size > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
-    command = launcher + ["train.py", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    if popen:
-        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                                **popen)
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def args_for(model, clip, prompts, run_dir, *extra):
@@ -181,6 +164,16 @@ def test_full_finetune_starts_up_without_an_fp32_copy_of_what_stays_frozen(tiny_
     # fp32 training holds the trainable UNet and its frozen copy in fp32; bf16 training the copy in bf16, half a
     # UNet less. Loaded in fp32, copied whole and then cast, the bf16 start-up peaked as high as the fp32 one.
     assert fp32 - bf16 > 0.35 * unet_mb, (fp32, bf16, unet_mb)
+
+
+def test_the_trainable_denoiser_can_wait_on_the_cpu_while_the_rest_goes_to_the_device(tiny_sd):
+    # With --fsdp, training.build loads it so: fully_shard then moves each unit to the GPU as it shards it, and no
+    # GPU holds the whole fp32 denoiser. Here the meta device stands in for the GPU.
+    model = models.load_model(tiny_sd, torch.device("meta"), denoiser_dtype=torch.float32,
+                              denoiser_device=torch.device("cpu"))
+    devices = {name: {p.device.type for p in part.parameters()} for name, part in model.pipe.components.items()
+               if isinstance(part, torch.nn.Module)}
+    assert devices == {"unet": {"cpu"}, "vae": {"meta"}, "text_encoder": {"meta"}}
 
 
 def test_a_resume_on_fewer_processes_says_what_the_added_accumulation_costs(capsys):

@@ -8,17 +8,6 @@ import torch
 import bench
 import memory
 import shapes
-import tiny_models
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    return tiny_models.make_tiny_sdxl(str(tmp_path_factory.mktemp("sdxl")))
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    return tiny_models.make_tiny_sd3(str(tmp_path_factory.mktemp("sd3")))
 
 
 @pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])

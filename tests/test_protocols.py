@@ -13,7 +13,6 @@ import anneal
 import generate
 import generation
 import metrics
-import tiny_models
 import utils
 
 PROMPTS = ["a red circle", "a blue cube"]
@@ -21,11 +20,6 @@ PROMPTS = ["a red circle", "a blue cube"]
 TINY = ["--resolution", "32", "--dtype", "float32", "--device", "cpu"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    return tiny_models.make_tiny_sd3(str(tmp_path_factory.mktemp("sd3")))
 
 
 # ---- each protocol is its system's code ------------------------------------------------------------

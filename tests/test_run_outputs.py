@@ -13,8 +13,8 @@ from huggingface_hub import ModelCard
 from wandb.proto import wandb_internal_pb2
 
 import training
-from conftest import ROOT
-from test_train import common_args, run_train
+from conftest import ROOT, run_train
+from test_train import common_args
 
 WANDB_BLOCK = 32 * 1024  # wandb's transaction log is leveldb's log format: 32 KiB blocks of framed chunks
 

@@ -44,11 +44,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_sd3(tmp_path_factory):
-    return tiny_models.make_tiny_sd3(str(tmp_path_factory.mktemp("sd3")))
-
-
-@pytest.fixture(scope="module")
 def tiny_sd3_no_t5(tmp_path_factory):
     return tiny_models.make_tiny_sd3(str(tmp_path_factory.mktemp("sd3_no_t5")), t5=False)
 

@@ -13,7 +13,6 @@ import generation
 import metrics
 import models
 import sampling
-import tiny_models
 import tiny_rewards
 import training
 import utils
@@ -28,11 +27,6 @@ CPU = torch.device("cpu")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    return tiny_models.make_tiny_sdxl(str(tmp_path_factory.mktemp("sdxl")))
 
 
 @pytest.fixture(scope="module")

@@ -18,25 +18,11 @@ import models
 import sampling
 import training
 import utils
-from conftest import ROOT
+from conftest import ROOT, run_train
 from utils import generators
 
 RUN_FLAGS = ["--inference-steps", "6", "--guidance-scale", "3.0", "--lora-rank", "4", "--lora-alpha", "8",
              "--lr", "3e-3", "--val-every", "0", "--resolution", "32"]
-
-
-def run_train(args, *, world_size=1, check=True, env=None, **popen):
-    launcher = [sys.executable]
-    if world_size > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world_size}"]
-    command = launcher + ["train.py"] + args
-    if popen:
-        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                                **popen)
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
 
 
 def common_args(tiny_sd, tiny_clip, prompt_file, run_dir, *extra):
