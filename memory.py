@@ -7,17 +7,21 @@ Weights, gradients and optimizer state come from the networks' parameter counts 
 activations come from tracing one step's parts on the meta device at the real shapes: the bytes each part saves
 for backward (the denoiser's call, the VAE decode, the reward), with attention saving what the fused kernels of
 a GPU save (its inputs, output and log-sum-exp, not the attention matrix), combined as the checkpointing mode
-holds them, with the gradients backward holds beside what it recomputes (tests/test_memory.py checks the model
-against measured CPU peaks).
+holds them, with the gradients backward holds beside what it recomputes; and the peaks of the step's work
+without a graph (encoding the prompts, a no-grad call of the denoiser), traced on the meta device by following
+every tensor made until it is freed. tests/test_memory.py checks the model against measured CPU peaks.
 """
 
 import contextlib
 import tempfile
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import tyro
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import shapes
 
@@ -48,10 +52,12 @@ class Mode:
 @dataclass(frozen=True)
 class Unit:
     """One checkpointed unit of a part, as the forward met it: what it saves for backward, the largest single
-    tensor of those, and what is held when backward reaches it with the units checkpointed (what the part saved
-    outside the units before it, and the inputs of the units up to this one)."""
+    tensor of those, and what is held when backward reaches it: without checkpointing all the part saved before
+    it, with the units checkpointed what the part saved outside the units before it and the inputs of the units
+    up to this one."""
     saved: int
     largest: int
+    saved_before: int
     held_before: int
 
 
@@ -68,12 +74,12 @@ class Saved:
         return self.total - sum(u.saved for u in self.units) + self.unit_inputs if checkpointed else self.total
 
     def backward_peak(self, checkpointed: bool) -> int:
-        """The most held at once while backward runs through the part. Backward starts with all that is held;
-        with the units checkpointed it then recomputes one unit at a time, beside what is still held of the
-        part (what came before the unit) and the gradients of the unit's widest layer."""
-        recomputing = (u.held_before + u.saved + GRADIENTS_PER_LAYER * u.largest
-                       for u in self.units) if checkpointed else ()
-        return max([self.held(checkpointed), *recomputing])
+        """The most held at once while backward runs through the part. Backward starts with all that is held,
+        then runs through the units from the last, each unit's saved tensors (recomputed, with the units
+        checkpointed) beside what is still held of what came before it and the gradients of its widest layer."""
+        in_units = ((u.held_before if checkpointed else u.saved_before) + u.saved + GRADIENTS_PER_LAYER * u.largest
+                    for u in self.units)
+        return max([self.held(checkpointed), *in_units])
 
 
 @dataclass(frozen=True)
@@ -144,12 +150,12 @@ def trace_saved(fn, network: torch.nn.Module, units: list[torch.nn.Module]) -> S
             if isinstance(tensor, torch.Tensor):
                 inputs[tensor.untyped_storage()._cdata] = tensor.untyped_storage().nbytes()
         outside = sum(saved.values()) - sum(unit.saved for unit in records)
-        starts.append((len(saved), outside + sum(inputs.values())))
+        starts.append((len(saved), sum(saved.values()), outside + sum(inputs.values())))
 
     def after(module, args, output):
-        first, held_before = starts.pop()
+        first, saved_before, held_before = starts.pop()
         new = list(saved.values())[first:]
-        records.append(Unit(sum(new), max(new, default=0), held_before))
+        records.append(Unit(sum(new), max(new, default=0), saved_before, held_before))
 
     handles = [h for unit in units for h in (unit.register_forward_pre_hook(before, with_kwargs=True),
                                              unit.register_forward_hook(after))]
@@ -162,12 +168,56 @@ def trace_saved(fn, network: torch.nn.Module, units: list[torch.nn.Module]) -> S
     return Saved(sum(saved.values()), tuple(records), sum(inputs.values()))
 
 
+class LiveBytes(TorchDispatchMode):
+    """The most bytes that the tensors made inside hold at once, storages counted once: the peak of a no-grad
+    computation, traced on the meta device. A tensor is counted from the op that makes it until it is freed
+    (weights, made outside, are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, list[int]] = {}  # storage -> [its bytes, tensors alive on it]
+        self.held = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.track(tensor)
+        return out
+
+    def track(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        entry = self.live.setdefault(storage._cdata, [storage.nbytes(), 0])
+        if entry[1] == 0:
+            self.held += entry[0]
+            self.peak = max(self.peak, self.held)
+        entry[1] += 1
+        weakref.finalize(tensor, self.release, storage._cdata)
+
+    def release(self, key: int) -> None:
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.held -= entry[0]
+            del self.live[key]
+
+
+def no_grad_peak(fn) -> int:
+    """The most `fn` holds at once, run without a graph."""
+    with torch.no_grad(), fused_attention_shapes(), LiveBytes() as live:
+        fn()
+    return live.peak
+
+
 @dataclass(frozen=True)
 class StepParts:
-    """The step's parts at one shape: what each saves for backward, and the parameter counts."""
+    """The step's parts at one shape: what each saves for backward, the peaks of the no-grad work of a step
+    (encoding its prompts, a no-grad call of the denoiser), and the parameter counts."""
     denoiser: Saved
     decode: Saved
     reward: Saved
+    encode_peak: int
+    no_grad_call_peak: int
     call_input: int  # one graph call's input latents (held per call with per-call checkpointing)
     denoiser_parameters: int
     lora_parameters: int
@@ -211,7 +261,9 @@ def trace_step(model: str, reward_backbone: str, mode: Mode) -> StepParts:
         prompts = ["a photograph of an astronaut riding a horse"] * mode.batch
         guidance = model_.family.guidance(model_, default_sampler_settings(model_.family, mode))
         guided = mode.guided and sampling.uses_guidance(guidance.cfg_scale)
-        conditioning = models.encode_prompts(model_, prompts, guided, mode.resolution, guidance.embedded)
+        encode = lambda: models.encode_prompts(model_, prompts, guided, mode.resolution, guidance.embedded)  # noqa: E731
+        encode_peak = no_grad_peak(encode)
+        conditioning = encode()
     denoiser = model_.denoiser
     denoiser_parameters = shapes.parameter_count(denoiser)
     models.attach_lora(model_, mode.lora_rank or 1, mode.lora_rank or 1)
@@ -221,6 +273,7 @@ def trace_step(model: str, reward_backbone: str, mode: Mode) -> StepParts:
     latents = torch.empty(shape, device="meta", dtype=dtype, requires_grad=True)
     model_input = torch.cat([latents, latents]) if guided else latents
     call = models.make_denoiser(denoiser, conditioning)
+    no_grad_call_peak = no_grad_peak(lambda: call(model_input.detach(), torch.tensor(500.0, device="meta")))
     blocks = model_.family.shard_units(denoiser)
     denoiser_saved = trace_saved(lambda: call(model_input, torch.tensor(500.0, device="meta")), denoiser,
                                  checkpointed_units(blocks))
@@ -232,7 +285,8 @@ def trace_step(model: str, reward_backbone: str, mode: Mode) -> StepParts:
     reward_saved = trace_saved(lambda: reward(images, prompts), clip, list(clip.vision_model.encoder.layers))
     text = sum(shapes.parameter_count(getattr(model_.pipe, name)) for name in model_.family.text_encoders
                if getattr(model_.pipe, name, None) is not None)
-    return StepParts(denoiser_saved, decode_saved, reward_saved, model_input.numel() * mode.weight_bytes,
+    return StepParts(denoiser_saved, decode_saved, reward_saved, encode_peak, no_grad_call_peak,
+                     model_input.numel() * mode.weight_bytes,
                      denoiser_parameters, lora, targeted, max(shapes.parameter_count(b) for b in blocks), text,
                      shapes.parameter_count(vae), shapes.parameter_count(clip))
 
@@ -259,7 +313,8 @@ def activation_bytes(parts: StepParts, mode: Mode) -> int:
     # backward runs through the reward, then the decode, then the denoiser's calls, each freeing what it held
     peak = max(calls_held + parts.decode.held(others) + parts.reward.backward_peak(others),
                calls_held + parts.decode.backward_peak(others), last_call)
-    return peak
+    # before the graph: the prompts are encoded and N - K no-grad calls sample the trajectory
+    return max(peak, parts.encode_peak, parts.no_grad_call_peak)
 
 
 def estimate(parts: StepParts, mode: Mode) -> Estimate:

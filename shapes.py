@@ -71,14 +71,36 @@ def build_network(folder: str, name: str, device: torch.device | str = "meta",
         return build_transformers_model(path, class_name)
 
 
+META_ATTENTION = "meta_sdpa"  # transformers' attention on the meta device, as SDPA without a mask (below)
+
+
+def meta_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention on the meta device: the same call of scaled_dot_product_attention, whose
+    output has the shape of the real one, without the mask, which computes nothing on meta (SDPA's own
+    integration reads the mask's values to take a shortcut, which meta tensors have not; eager attention would
+    make the attention matrix that no fused kernel makes)."""
+    output = torch.nn.functional.scaled_dot_product_attention(query, key, value,
+                                                              enable_gqa=key.shape[1] != query.shape[1])
+    return output.transpose(1, 2).contiguous(), None
+
+
+def register_meta_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(META_ATTENTION, meta_attention)
+    AttentionMaskInterface.register(META_ATTENTION, lambda *args, **kwargs: None)
+
+
 def build_transformers_model(path: str, class_name: str | None = None) -> torch.nn.Module:
     """A transformers model from the config.json in `path` (its first architecture unless named), under the
-    caller's device and default dtype."""
+    caller's device and default dtype; on the meta device with SDPA's attention as meta_attention makes it."""
     import transformers
 
     config = transformers.AutoConfig.from_pretrained(path)
     if torch.get_default_device().type == "meta":
-        config._attn_implementation = "eager"  # SDPA's mask shortcut reads the mask's values, which meta has not
+        register_meta_attention()
+        config._attn_implementation = META_ATTENTION
     cls = getattr(transformers, class_name or config.architectures[0])
     return cls(config)
 

@@ -9,6 +9,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 sys.path[:0] = [ROOT, TESTS]
 
+import tiny_flux2  # noqa: E402
 import tiny_models  # noqa: E402
 import tiny_rewards  # noqa: E402
 
@@ -50,6 +51,18 @@ def tiny_sdxl(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd3(tmp_path_factory):
     return tiny_models.make_tiny_sd3(str(tmp_path_factory.mktemp("sd3")))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """FLUX.1-dev-like: guidance embedded."""
+    return tiny_models.make_tiny_flux(str(tmp_path_factory.mktemp("flux_dev")))
+
+
+@pytest.fixture(scope="session")
+def tiny_klein(tmp_path_factory):
+    """FLUX.2 [klein] base: real CFG."""
+    return tiny_flux2.make_tiny_flux2(str(tmp_path_factory.mktemp("klein_base")))
 
 
 @pytest.fixture(scope="module")

@@ -47,18 +47,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory):
-    return tiny_models.make_tiny_flux(str(tmp_path_factory.mktemp("flux_dev")))
-
-
-@pytest.fixture(scope="module")
 def tiny_schnell(tmp_path_factory):
     return tiny_models.make_tiny_flux(str(tmp_path_factory.mktemp("flux_schnell")), seed=1, guidance_embeds=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    return tiny_rewards.make_tiny_clip(str(tmp_path_factory.mktemp("clip")))
 
 
 @pytest.fixture(scope="module")

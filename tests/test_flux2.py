@@ -52,11 +52,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny_klein(tmp_path_factory):
-    return tiny_flux2.make_tiny_flux2(str(tmp_path_factory.mktemp("klein_base")))
-
-
-@pytest.fixture(scope="module")
 def tiny_klein_distilled(tmp_path_factory):
     return tiny_flux2.make_tiny_flux2(str(tmp_path_factory.mktemp("klein_distilled")), distilled=True)
 

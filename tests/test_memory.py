@@ -2,6 +2,8 @@
 profiler's record of every allocation, bench.allocated_peak_growth_mb) and the model's prediction of it from
 the same configs traced on the meta device."""
 
+import statistics
+
 import pytest
 import torch
 
@@ -10,16 +12,20 @@ import memory
 import shapes
 
 
-@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+# Each family's tiny model (conftest.py); the FLUX.1-dev-like one encodes 512 T5 tokens, which on a model this
+# small is the peak of every checkpointed step (the model predicts that no-grad peak too).
+@pytest.mark.parametrize("model_fixture", ["tiny_sd", "tiny_sdxl", "tiny_sd3", "tiny_flux", "tiny_klein"])
 @pytest.mark.parametrize("truncation, checkpointing", [(1, ""), (1, "steps"), (4, "steps"), (4, "blocks"), (4, "")])
-def test_the_memory_model_predicts_a_measured_step_within_15_percent(family, truncation, checkpointing, tiny_sd, tiny_sdxl,
-                                                                      tiny_sd3, tiny_clip):
-    model = {"sd": tiny_sd, "sdxl": tiny_sdxl, "sd3": tiny_sd3}[family]
+def test_the_memory_model_predicts_a_measured_step_within_15_percent(model_fixture, truncation, checkpointing, tiny_clip,
+                                                                      request):
+    model = request.getfixturevalue(model_fixture)
     config = bench.BenchConfig(resolution=64, batch_size=2)
     trainer = bench.make_trainer(config, model, tiny_clip, 10, truncation, checkpointing)
     steps = iter(range(10))
     trainer.step(next(steps))  # the optimizer state is made in the first step
-    measured = bench.allocated_peak_growth_mb(lambda: trainer.step(next(steps))) * 2**20
+    # the median of three steps: a step's figure moves by a few hundred kB now and then on this shared machine
+    measured = statistics.median(bench.allocated_peak_growth_mb(lambda: trainer.step(next(steps))) for _ in range(3))
+    measured *= 2**20
     mode = memory.Mode(config.resolution, config.batch_size, config.lora_rank, truncation=truncation,
                        checkpointing=checkpointing, weight_bytes=memory.FP32)
     predicted = memory.step_growth(memory.trace_step(model, tiny_clip, mode), mode)
