@@ -220,7 +220,7 @@ class StepParts:
     no_grad_call_peak: int
     call_input: int  # one graph call's input latents (held per call with per-call checkpointing)
     denoiser_parameters: int
-    lora_parameters: int
+    lora_per_rank: int  # LoRA parameters at rank 1: they grow with the rank, r x (inputs + outputs) a layer
     lora_targeted: int  # weights under LoRA layers: the merged-LoRA sampler holds a copy of them
     largest_block: int  # parameters of the largest block FSDP shards (gathered whole in its turn)
     text_parameters: int
@@ -267,7 +267,7 @@ def trace_step(model: str, reward_backbone: str, mode: Mode) -> StepParts:
     denoiser = model_.denoiser
     denoiser_parameters = shapes.parameter_count(denoiser)
     models.attach_lora(model_, mode.lora_rank or 1, mode.lora_rank or 1)
-    lora = sum(p.numel() for name, p in denoiser.named_parameters() if "lora_" in name)
+    lora_per_rank = sum(p.numel() for name, p in denoiser.named_parameters() if "lora_" in name) // (mode.lora_rank or 1)
     targeted = sum(layer.base_layer.weight.numel() for layer in model_.lora.layers)
     shape = model_.latent_shape(mode.batch, mode.resolution)
     latents = torch.empty(shape, device="meta", dtype=dtype, requires_grad=True)
@@ -287,7 +287,7 @@ def trace_step(model: str, reward_backbone: str, mode: Mode) -> StepParts:
                if getattr(model_.pipe, name, None) is not None)
     return StepParts(denoiser_saved, decode_saved, reward_saved, encode_peak, no_grad_call_peak,
                      model_input.numel() * mode.weight_bytes,
-                     denoiser_parameters, lora, targeted, max(shapes.parameter_count(b) for b in blocks), text,
+                     denoiser_parameters, lora_per_rank, targeted, max(shapes.parameter_count(b) for b in blocks), text,
                      shapes.parameter_count(vae), shapes.parameter_count(clip))
 
 
@@ -333,7 +333,7 @@ def estimate(parts: StepParts, mode: Mode) -> Estimate:
         gathered = 2 * parts.largest_block * mode.weight_bytes if mode.gpus > 1 else 0
         return Estimate(int(shard * FP32 + gathered), int(shard * FP32), int(shard * ADAM_STATE),
                         int(shard * mode.weight_bytes + text + frozen_others), activations)
-    lora = parts.lora_parameters
+    lora = parts.lora_per_rank * mode.lora_rank
     return Estimate(parts.denoiser_parameters * mode.weight_bytes + lora * FP32, lora * FP32, lora * ADAM_STATE,
                     parts.lora_targeted * mode.weight_bytes + text + frozen_others, activations)
 
@@ -341,7 +341,7 @@ def estimate(parts: StepParts, mode: Mode) -> Estimate:
 def step_growth(parts: StepParts, mode: Mode) -> int:
     """What a warm LoRA step allocates above the loaded model and optimizer state: its activations and the
     gradients (the CPU's counterpart, bench.allocated_peak_growth_mb, measures this)."""
-    return activation_bytes(parts, mode) + parts.lora_parameters * FP32
+    return activation_bytes(parts, mode) + parts.lora_per_rank * mode.lora_rank * FP32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,8 +350,10 @@ def step_growth(parts: StepParts, mode: Mode) -> int:
 
 @dataclass
 class MemoryConfig:
-    models: tuple[str, ...] = ("sd15", "sdxl", "sd35-medium", "sd35-large")  # shipped models (configs/real)
-    lora_ranks: tuple[int, ...] = (32,)  # LoRA ranks of the LoRA rows
+    # shipped models (configs/real); default all of them
+    models: tuple[str, ...] = ("sd15", "sdxl", "sd35-medium", "sd35-large", "flux1-dev", "flux2-klein-4b",
+                               "flux2-klein-9b")
+    lora_ranks: tuple[int, ...] = ()  # LoRA ranks of the LoRA rows; default each family's (32; FLUX.1 64)
     gpus: tuple[int, ...] = (1, 8)  # --fsdp world sizes of the full fine-tune rows
     reward: str = "pickscore"  # reward network (configs/real/rewards)
 
@@ -361,10 +363,14 @@ def rows(cfg: MemoryConfig, model: str) -> list[str]:
     encoders offloaded or not, at the model's training resolution and per-GPU batch (bench.REAL_SHAPES)."""
     from bench import REAL_SHAPES
 
+    import models
+
     resolution, batch = REAL_SHAPES[model]
-    parts = trace_step(model, cfg.reward, Mode(resolution, batch))
+    ranks = cfg.lora_ranks or (models.detect_family(shapes.model_folder(model)).defaults["lora_rank"],)
+    # traced at the first rank: the LoRA layers' own activations (x A, r wide) are a small part of a call's
+    parts = trace_step(model, cfg.reward, Mode(resolution, batch, ranks[0]))
     modes = []
-    for rank in cfg.lora_ranks:
+    for rank in ranks:
         for offload in (False, True):
             modes += [(f"LoRA r={rank}", Mode(resolution, batch, rank, offload_text=offload, truncation=k,
                                               checkpointing=ckpt)) for k, ckpt in ((1, ""), (1, "steps"), (10, "steps"),

@@ -9,6 +9,7 @@ import torch
 
 import bench
 import memory
+import models
 import shapes
 
 
@@ -42,3 +43,12 @@ def test_fsdp_divides_what_is_trained_and_offloading_moves_the_text_encoders_out
     offloaded = memory.estimate(parts, memory.Mode(64, 1, 4, offload_text=True))
     assert lora.frozen - offloaded.frozen == parts.text_parameters * memory.BF16 > 0
     assert shapes.parameter_count(torch.nn.Linear(2, 2)) == 6
+
+
+def test_lora_memory_grows_with_the_rank_asked_for_not_the_rank_traced(tiny_sd, tiny_clip):
+    parts = memory.trace_step(tiny_sd, tiny_clip, memory.Mode(64, 1, 4))
+    model = models.load_model(tiny_sd, torch.device("meta"))
+    models.attach_lora(model, 8, 8)
+    at_rank_8 = sum(p.numel() for name, p in model.denoiser.named_parameters() if "lora_" in name)
+    estimate = memory.estimate(parts, memory.Mode(64, 1, 8))
+    assert estimate.gradients == at_rank_8 * memory.FP32 and estimate.optimizer == at_rank_8 * memory.ADAM_STATE
